@@ -1,0 +1,23 @@
+"""minijamba: a readable Jamba (AI21, arXiv 2403.19887) in plain PyTorch, with an optional fast path."""
+
+from minijamba.config import JambaConfig
+from minijamba.generation import generate
+from minijamba.model import Jamba
+from minijamba.state import InferenceState
+
+
+def load_hf(*args, **kwargs):
+    """Load a transformers Jamba checkpoint folder; see `minijamba.hf.load_hf`."""
+    from minijamba.hf import load_hf as _load_hf
+
+    return _load_hf(*args, **kwargs)
+
+
+def save_hf(*args, **kwargs):
+    """Write a folder transformers' JambaForCausalLM loads; see `minijamba.hf.save_hf`."""
+    from minijamba.hf import save_hf as _save_hf
+
+    return _save_hf(*args, **kwargs)
+
+
+__all__ = ["JambaConfig", "Jamba", "InferenceState", "generate", "load_hf", "save_hf"]

@@ -1,0 +1,78 @@
+"""Causal self-attention with grouped key/value heads and no positional encoding.
+
+Glossary:
+
+    b   batch
+    l   new tokens in this call (queries)
+    s   tokens attended to (keys): l without a cache, everything seen so far with one
+    h   model width
+    q   query heads (num_attention_heads)
+    g   key/value heads (num_key_value_heads); each serves q/g query heads (grouped-query attention)
+    e   head size, h / q
+
+No positional encoding (no RoPE, no learned positions): the paper (section 6.3) trained Jamba with and
+without RoPE and found no difference. The Mamba layers see tokens in order, and that order is
+enough: attention layers placed after them inherit position implicitly.
+
+Grouped-query attention (g < q) shrinks the KV cache by q/g; `F.scaled_dot_product_attention` with
+`enable_gqa=True` shares each key/value head across its group without copying it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from minijamba.config import JambaConfig
+
+
+class Attention(nn.Module):
+    """Jamba's attention layer. Parameter names match transformers' `JambaAttention`."""
+
+    def __init__(self, config: JambaConfig):
+        super().__init__()
+        h, q, g, e = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q, self.g, self.e = q, g, e
+        self.q_proj = nn.Linear(h, q * e, bias=False)
+        self.k_proj = nn.Linear(h, g * e, bias=False)
+        self.v_proj = nn.Linear(h, g * e, bias=False)
+        self.o_proj = nn.Linear(q * e, h, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, out_std: float = 0.02) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(lin.weight, std=std)
+        nn.init.normal_(self.o_proj.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """x (b, l, h) -> (b, l, h).
+
+        state: the model's `InferenceState` (its `length` already counts these l tokens) and cache
+        this layer's `KVCache` in it, or both None. mask: (b, l) bool, False at padding, or None.
+        """
+        b, l, _ = x.shape
+        q = rearrange(self.q_proj(x), "b l (q e) -> b q l e", e=self.e)  # (b, q, l, e)
+        k = rearrange(self.k_proj(x), "b l (g e) -> b g l e", e=self.e)  # (b, g, l, e)
+        v = rearrange(self.v_proj(x), "b l (g e) -> b g l e", e=self.e)  # (b, g, l, e)
+
+        if state is None and mask is None:  # training: plain causal attention
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            end = l if state is None else state.length  # keys are positions [0, end)
+            start = end - l  # the new tokens sit at [start, end)
+            if cache is not None:
+                cache.k[:, :, start:end] = k
+                cache.v[:, :, start:end] = v
+                k, v = cache.k[:, :, :end], cache.v[:, :, :end]  # (b, g, s, e)
+            valid = mask if state is None else state.valid[:, :end]  # (b, s) real tokens
+            if valid is None:
+                valid = torch.ones(b, end, dtype=torch.bool, device=x.device)
+            pos_q = torch.arange(start, end, device=x.device)[:, None]  # (l, 1)
+            pos_k = torch.arange(end, device=x.device)[None, :]  # (1, s)
+            # A query sees real keys at or before it; a padding query sees itself (so no row is empty).
+            allowed = (pos_k <= pos_q) & valid[:, None, :]  # (b, l, s)
+            allowed = allowed | (pos_k == pos_q)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
+        return self.o_proj(rearrange(out, "b q l e -> b l (q e)"))  # (b, l, h)

@@ -1,0 +1,78 @@
+"""Autoregressive generation: prefill the prompt in one parallel forward, then one token per step.
+
+Glossary:
+
+    b   batch (prompts decoded together)
+    l   prompt length (after left padding)
+    V   vocabulary size
+
+The prompt runs through the model once, filling the inference state (KV caches, conv and SSM
+states); each new token then costs one call with l = 1, which uses the cache in attention layers
+and the single-step recurrence in Mamba layers. Prompts of different lengths batch together with
+left padding and an attention mask; padding never enters any state, so each row gets exactly the
+tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from minijamba.state import InferenceState
+
+
+def sample(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+    """Pick one token per row of logits (b, V) -> (b,). Greedy at temperature 0."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (b, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def generate_stream(
+    model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None,
+    attention_mask=None, state: InferenceState | None = None,
+) -> Iterator[torch.Tensor]:  # fmt: skip
+    """Yield the next token of every row, (b,), max_new_tokens times."""
+    b, l = input_ids.shape
+    if l == 0:
+        raise ValueError("the prompt is empty: generation needs at least one token to start from")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if state is None:
+        state = model.new_state(b, l + max_new_tokens)
+    logits = model(input_ids, state=state, attention_mask=attention_mask, logits_to_keep=1)[:, -1]  # (b, V)
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)  # (b,)
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = model(token[:, None], state=state, logits_to_keep=1)[:, -1]  # (b, V)
+
+
+def generate(
+    model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None,
+    attention_mask=None,
+) -> torch.Tensor:  # fmt: skip
+    """Prompt + new tokens, (b, l + max_new_tokens). Greedy at temperature 0; batched; prompts of
+    different lengths are left-padded with `attention_mask` (b, l) marking real tokens with 1."""
+    new = list(
+        generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, generator, attention_mask)
+    )
+    return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids.clone()

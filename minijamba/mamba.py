@@ -1,0 +1,131 @@
+"""The Mamba mixer as Jamba uses it: a selective state-space layer with RMSNorm on Δ, B and C.
+
+Glossary (the Mamba paper's symbols):
+
+    b   batch
+    l   sequence length (L)
+    h   model width (hidden_size)
+    d   inner width, mamba_expand * h (D in the paper)
+    n   state size per channel (N)
+    r   rank of the Δ projection (dt_rank)
+    k   width of the causal convolution (d_conv)
+
+Data flow, for input x (b, l, h):
+
+    in_proj         x -> (xs, z)                       two (b, d, l) streams: the signal and the gate
+    conv1d + SiLU   xs -> u                            depthwise causal conv over time, width k
+    x_proj          u -> (Δ_low, B, C)                 (b, l, r), (b, l, n), (b, l, n)
+    RMSNorm         Δ_low, B, C each normalised        Jamba's addition (paper section 6.4): without
+                                                       it, large-scale training showed loss spikes
+    dt_proj         Δ_low -> Δ (b, d, l)               the bias is added inside the scan, with softplus
+    scan            y = SSM(Δ, A, B, C)(u) + D u        A = -exp(A_log); see minijamba.ssm
+    gate            y * SiLU(z)
+    out_proj        y -> (b, l, h)
+
+With an inference state the same path continues from where the last call stopped: the convolution
+sees the last k-1 inputs of the previous call and the scan starts from the saved state h. A single
+new token takes the decoding step (`selective_state_update`) instead of the scan. Padding positions
+(mask False) are zeroed before the convolution and before the scan, so that they leave the conv
+window and the state exactly as if they were not there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from minijamba import backends
+from minijamba.config import JambaConfig
+from minijamba.norm import RMSNorm
+
+
+class MambaMixer(nn.Module):
+    """Jamba's Mamba layer. Parameter names match transformers' `JambaMambaMixer`."""
+
+    def __init__(self, config: JambaConfig):
+        super().__init__()
+        h, d, n, r, k = (
+            config.hidden_size, config.mamba_inner_size, config.mamba_d_state,
+            config.mamba_dt_rank, config.mamba_d_conv,
+        )  # fmt: skip
+        self.d, self.n, self.r, self.k = d, n, r, k
+        self.scan_backend = config.scan_backend
+        self.in_proj = nn.Linear(h, 2 * d, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=config.mamba_conv_bias)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d, n))  # A = -exp(A_log), kept in float32
+        self.D = nn.Parameter(torch.empty(d))
+        self.out_proj = nn.Linear(d, h, bias=config.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(r, eps=config.rms_norm_eps)
+        self.b_layernorm = RMSNorm(n, eps=config.rms_norm_eps)
+        self.c_layernorm = RMSNorm(n, eps=config.rms_norm_eps)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, out_std: float = 0.02) -> None:
+        """Mamba's initialisation: S4D-real A, D = 1, and Δ = softplus(bias) log-uniform in
+        [0.001, 0.1] at the start, so that every channel starts with a useful memory length."""
+        for lin, s in ((self.in_proj, std), (self.x_proj, std), (self.out_proj, out_std)):
+            nn.init.normal_(lin.weight, std=s)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.conv1d.reset_parameters()
+        nn.init.uniform_(self.dt_proj.weight, -self.r**-0.5, self.r**-0.5)
+        dt = torch.exp(torch.empty(self.d).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.A_log.copy_(torch.log(torch.arange(1, self.n + 1, dtype=torch.float32)).repeat(self.d, 1))
+        nn.init.ones_(self.D)
+        for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
+            norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, l, h) -> (b, l, h).
+
+        state: this layer's `MambaState` to continue from and update in place, or None to start
+        from zero. mask: (b, l) bool, False at padding positions, or None when there is none.
+        """
+        b, l, _ = x.shape
+        scan = backends.get(self.scan_backend)
+        xs, z = rearrange(self.in_proj(x), "b l (two d) -> two b d l", two=2)  # 2 x (b, d, l)
+        if mask is not None:
+            xs = xs * mask[:, None, :]  # padding must not enter the conv window
+
+        # Depthwise causal conv: prepend the last k-1 inputs (zeros at the start of a sequence).
+        if state is None:
+            context = xs.new_zeros(b, self.d, self.k - 1)  # (b, d, k-1)
+        else:
+            context = state.conv.to(xs.dtype)
+        xs = torch.cat([context, xs], dim=-1)  # (b, d, k-1+l)
+        if state is not None:
+            state.conv.copy_(xs[:, :, xs.shape[-1] - (self.k - 1) :])
+        u = F.silu(F.conv1d(xs, self.conv1d.weight, self.conv1d.bias, groups=self.d))  # (b, d, l)
+        if mask is not None:
+            u = u * mask[:, None, :]  # and must not enter the SSM state
+
+        # Input-dependent Δ, B, C, each RMS-normalised (Jamba's change to Mamba).
+        dt, B, C = torch.split(self.x_proj(rearrange(u, "b d l -> b l d")), [self.r, self.n, self.n], -1)
+        dt = self.dt_layernorm(dt)  # (b, l, r)
+        B = rearrange(self.b_layernorm(B), "b l n -> b n l")  # (b, n, l)
+        C = rearrange(self.c_layernorm(C), "b l n -> b n l")  # (b, n, l)
+        dt = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")  # bias goes to the scan
+        A = -torch.exp(self.A_log.float())  # (d, n)
+        D, dt_bias = self.D.float(), self.dt_proj.bias.float()
+
+        if state is not None and l == 1:  # decoding: one step of the recurrence
+            y = scan.selective_state_update(
+                state.ssm, u[..., 0], dt[..., 0], A, B[..., 0], C[..., 0], D,
+                z=z[..., 0], dt_bias=dt_bias, dt_softplus=True,
+            )[..., None]  # (b, d, 1)  # fmt: skip
+        else:
+            initial = None if state is None else state.ssm
+            y, last = scan.selective_scan(
+                u, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                return_last_state=True, initial_state=initial,
+            )  # (b, d, l), (b, d, n)  # fmt: skip
+            if state is not None:
+                state.ssm.copy_(last)
+        return self.out_proj(rearrange(y, "b d l -> b l d").to(x.dtype))  # (b, l, h)

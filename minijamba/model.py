@@ -1,0 +1,158 @@
+"""The Jamba language model: embedding, a stack of pre-norm decoder layers, final norm, LM head.
+
+Glossary:
+
+    b   batch
+    l   sequence length
+    h   model width
+    V   vocabulary size
+
+Each decoder layer is one mixer (attention or Mamba) and one MLP (dense or mixture of experts),
+both pre-norm with a residual around them, in this order:
+
+    x = x + mixer(RMSNorm(x))
+    x = x + mlp(RMSNorm(x))
+
+Which mixer and which MLP layer i gets is the config's layout (`JambaConfig.layer_types` and
+`moe_layers`): for Jamba-v0.1 one attention layer in each block of l = 8 (a:m = 1:7) and an MoE
+MLP (n = 16, K = 2) every e = 2 layers. Module names follow transformers' `JambaForCausalLM`
+without its `model.` prefix, so its state dict maps one to one (see minijamba.hf).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minijamba.attention import Attention
+from minijamba.config import JambaConfig
+from minijamba.mamba import MambaMixer
+from minijamba.moe import MLP, SparseMoE
+from minijamba.norm import RMSNorm
+from minijamba.state import InferenceState
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm layer: a mixer (`self_attn` or `mamba`) then an MLP (`feed_forward`)."""
+
+    def __init__(self, config: JambaConfig, index: int):
+        super().__init__()
+        self.kind = config.layer_types[index]
+        self.index = index
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.kind == "attention":
+            self.self_attn = Attention(config)
+        else:
+            self.mamba = MambaMixer(config)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.feed_forward = SparseMoE(config) if config.moe_layers[index] else MLP(config)
+
+    def forward(self, x, state: InferenceState | None = None, mask=None):
+        """x (b, l, h) -> (b, l, h), and the MLP's auxiliary loss (0 for a dense MLP)."""
+        layer_state = None if state is None else state.layers[self.index]
+        if self.kind == "attention":
+            x = x + self.self_attn(self.input_layernorm(x), state, mask, cache=layer_state)
+        else:
+            x = x + self.mamba(self.input_layernorm(x), layer_state, mask)
+        y, aux = self.feed_forward(self.pre_ff_layernorm(x))
+        return x + y, aux
+
+
+class Jamba(nn.Module):
+    """A Jamba causal language model.
+
+    `model(input_ids)` returns logits (b, l, V). `model(input_ids, targets=t)` returns
+    `(logits, loss)`: the mean cross-entropy over targets != -100, plus
+    `router_aux_loss_coef` times the mean load-balancing loss of the MoE layers whenever that
+    coefficient is above zero (no extra flag: the router is trained by default).
+    """
+
+    def __init__(self, config: JambaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if self.embed_tokens.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) weights, output projections scaled down by sqrt(2 * layers)
+        (GPT-2's residual scaling), Mamba's own init for A, D and Δ, norms at 1."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        if not self.config.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
+                    continue  # initialised by the module that owns them
+                if isinstance(module, RMSNorm):
+                    module.reset_parameters()
+                else:
+                    module.reset_parameters(std=std, out_std=out_std)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameters in total, or active per token (only K of the n experts count)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        for layer in self.layers:
+            if isinstance(layer.feed_forward, SparseMoE):
+                ex = layer.feed_forward.experts
+                n = ex.gate_up_proj.shape[0]
+                per_expert = (ex.gate_up_proj.numel() + ex.down_proj.numel()) // n
+                total -= (n - self.config.num_experts_per_tok) * per_expert
+        return total
+
+    def new_state(self, batch_size: int, capacity: int, dtype=None) -> InferenceState:
+        """An empty inference state on this model's device, for `capacity` tokens per sequence."""
+        w = self.embed_tokens.weight
+        return InferenceState(self.config, batch_size, capacity, device=w.device, dtype=dtype or w.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        state: InferenceState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ):
+        """input_ids (b, l) -> logits (b, l, V), or (logits, loss) when targets (b, l) are given.
+
+        state: an `InferenceState` to continue from and fill (prefill and decoding), or None.
+        attention_mask: (b, l), 1 for real tokens and 0 for (left) padding, or None.
+        logits_to_keep: compute logits for the last this-many positions only (0 = all).
+        """
+        b, l = input_ids.shape
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        if state is not None:
+            if state.batch_size != b:
+                raise ValueError(f"the inference state is for batch {state.batch_size}, input_ids has {b}")
+            state.advance(mask if mask is not None else torch.ones(b, l, dtype=torch.bool, device=input_ids.device))
+        x = self.embed_tokens(input_ids)  # (b, l, h)
+        aux = []
+        for layer in self.layers:
+            x, layer_aux = layer(x, state, mask)
+            if isinstance(layer.feed_forward, SparseMoE):
+                aux.append(layer_aux)
+        x = self.final_layernorm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (b, l, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if aux and self.config.router_aux_loss_coef > 0:
+            loss = loss + self.config.router_aux_loss_coef * torch.stack(aux).mean()
+        return logits, loss

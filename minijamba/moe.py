@@ -1,0 +1,153 @@
+"""The MLPs: a dense SwiGLU MLP, and the mixture of experts that replaces it every e layers.
+
+Glossary (the paper's symbols):
+
+    t   tokens (batch and sequence flattened)
+    h   model width
+    f   hidden width of an MLP / expert (intermediate_size)
+    n   experts in the layer
+    K   experts each token goes to
+
+Routing (`Router`): p = softmax(x W_router) over the n experts, then the K largest. The token's
+output is  sum over its K experts of  p_i * expert_i(x).  The K weights are the softmax
+probabilities themselves, NOT renormalised to sum to 1: that is what Jamba (like Mixtral's router
+before renormalisation) does, and what the released weights expect.
+
+Load balancing (`load_balancing_loss`, Switch Transformer eq. 4-6):  n * sum_i f_i P_i, where f_i
+is the fraction of the t*K assignments that went to expert i and P_i the mean router probability
+of expert i. It is 1 when routing is uniform. The model adds coef * its mean over MoE layers to
+the training loss whenever `router_aux_loss_coef > 0`.
+
+Two ways to run the experts, held equal by the tests:
+    `experts_loop`     for each expert, gather its tokens and run it: the reference, easy to read
+    `Experts.forward`  sort the t*K (token, expert) pairs by expert, so each expert's tokens are one
+                       contiguous slice, then run all experts as one grouped matmul per projection
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minijamba.config import JambaConfig
+
+
+class MLP(nn.Module):
+    """The dense SwiGLU MLP: down(SiLU(gate(x)) * up(x)). Names match transformers' `JambaMLP`."""
+
+    def __init__(self, config: JambaConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, out_std: float = 0.02) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, l, h) -> (b, l, h), and an auxiliary loss of 0 (same return as SparseMoE)."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), x.new_zeros(())
+
+
+class Router(nn.Module):
+    """Top-K router. Returns (probs (t, n) float32, weights (t, K), experts (t, K) int64)."""
+
+    def __init__(self, config: JambaConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # (n, h)
+
+    def forward(self, x: torch.Tensor):  # x (t, h)
+        probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)  # (t, n)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (t, K) each, not renormalised
+        return probs, weights.to(x.dtype), experts
+
+
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """n * sum_i f_i P_i for one layer. probs (t, n); experts (t, K). Equals 1 for uniform routing."""
+    n = probs.shape[-1]
+    f = torch.zeros(n, device=probs.device, dtype=probs.dtype).index_add_(
+        0, experts.reshape(-1), torch.ones(experts.numel(), device=probs.device, dtype=probs.dtype)
+    ) / experts.numel()  # fraction of assignments per expert   (n,)
+    P = probs.mean(0)  # mean router probability per expert       (n,)
+    return n * (f * P).sum()
+
+
+class Experts(nn.Module):
+    """n SwiGLU experts stored as stacked weights, laid out as transformers 5 holds them:
+    gate_up_proj (n, 2f, h) = [gate; up] and down_proj (n, h, f)."""
+
+    def __init__(self, config: JambaConfig):
+        super().__init__()
+        n, h, f = config.num_experts, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * f, h))
+        self.down_proj = nn.Parameter(torch.empty(n, h, f))
+
+    def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert i on its tokens x (t_i, h) -> (t_i, h)."""
+        gate, up = F.linear(x, self.gate_up_proj[i]).chunk(2, dim=-1)  # (t_i, f) each
+        return F.linear(F.silu(gate) * up, self.down_proj[i])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (t, h), weights and experts (t, K) -> (t, h), by grouped matmuls over sorted tokens."""
+        t, K = experts.shape
+        n = self.gate_up_proj.shape[0]
+        flat = experts.reshape(-1)  # (t*K,) expert of each assignment
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        token = order // K  # the token of each sorted assignment      (t*K,)
+        ends = torch.bincount(flat, minlength=n).cumsum(0).to(torch.int32)  # end of each group (n,)
+        xs = x[token]  # (t*K, h), expert 0's tokens first, then expert 1's, ...
+        gate, up = _grouped_linear(xs, self.gate_up_proj, ends).chunk(2, dim=-1)  # (t*K, f) each
+        ys = _grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # (t*K, h)
+        ys = ys * weights.reshape(-1)[order, None]  # scale by the router weight
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # sum the K outputs per token
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows x[ends[i-1]:ends[i]] times w[i]ᵀ for every group i. x (t, i); w (n, o, i) -> (t, o).
+
+    `F.grouped_mm` does it in one call where it has a kernel (CPU; CUDA in bf16 with dims that are
+    multiples of 16 bytes); elsewhere the same slices run one matmul each."""
+    aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[1], w.shape[1]))
+    if aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16) and x.dtype == w.dtype:
+        return F.grouped_mm(x, w.transpose(1, 2), offs=ends)
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    return torch.cat([F.linear(xi, w[i]) for i, xi in enumerate(x.split(sizes))])
+
+
+def experts_loop(experts: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The reference: for each expert, gather the tokens routed to it and add its weighted output."""
+    out = torch.zeros_like(x)  # (t, h)
+    for i in range(experts.gate_up_proj.shape[0]):
+        token, slot = torch.where(idx == i)  # tokens that chose expert i, and in which of their K slots
+        if token.numel():
+            out.index_add_(0, token, experts.expert(i, x[token]) * weights[token, slot, None])
+    return out
+
+
+class SparseMoE(nn.Module):
+    """Router + experts. Names match transformers' `JambaSparseMoeBlock` (router, experts)."""
+
+    def __init__(self, config: JambaConfig):
+        super().__init__()
+        self.router = Router(config)
+        self.experts = Experts(config)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, out_std: float = 0.02) -> None:
+        nn.init.normal_(self.router.weight, std=std)
+        nn.init.normal_(self.experts.gate_up_proj, std=std)
+        nn.init.normal_(self.experts.down_proj, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, l, h) -> (b, l, h), and this layer's load-balancing loss (a scalar)."""
+        b, l, h = x.shape
+        xt = x.reshape(b * l, h)  # (t, h)
+        probs, weights, idx = self.router(xt)  # (t, n), (t, K), (t, K)
+        y = self.experts(xt, weights, idx)  # (t, h)
+        return y.reshape(b, l, h), load_balancing_loss(probs, idx)
