@@ -63,7 +63,8 @@ class JambaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     # --- minijamba only (not in transformers' config.json) -----------------------------------
-    scan_backend: str = "reference"  # selective-scan implementation, see minijamba.backends
+    # Selective-scan implementation (see minijamba.backends); None = $MINIJAMBA_SCAN_BACKEND or "reference".
+    scan_backend: str | None = None
 
     def __post_init__(self):
         if self.mamba_dt_rank == "auto":
@@ -118,8 +119,8 @@ class JambaConfig:
             raise ValueError(
                 f"JambaConfig.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}"
             )
-        if not isinstance(self.scan_backend, str) or not self.scan_backend:
-            raise ValueError(f"JambaConfig.scan_backend must be a backend name, got {self.scan_backend!r}")
+        if self.scan_backend is not None and (not isinstance(self.scan_backend, str) or not self.scan_backend):
+            raise ValueError(f"JambaConfig.scan_backend must be a backend name or None, got {self.scan_backend!r}")
 
     # --- derived sizes -------------------------------------------------------------------------
     @property
