@@ -1,4 +1,5 @@
-"""Autoregressive generation: prefill the prompt in one parallel forward, then one token per step.
+"""Autoregressive generation: prefill the prompt in parallel (in one piece or in chunks), then one
+token per step.
 
 Glossary:
 
@@ -10,7 +11,8 @@ The prompt runs through the model once, filling the inference state (KV caches, 
 states); each new token then costs one call with l = 1, which uses the cache in attention layers
 and the single-step recurrence in Mamba layers. Prompts of different lengths batch together with
 left padding and an attention mask; padding never enters any state, so each row gets exactly the
-tokens it would get alone.
+tokens it would get alone. A long prompt can run in chunks (`prefill_chunk`), with the same result
+and an activation memory that depends on the chunk instead of the prompt.
 """
 
 from __future__ import annotations
@@ -46,11 +48,31 @@ def sample(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, genera
 
 
 @torch.inference_mode()
+def prefill(model, input_ids, state: InferenceState, attention_mask=None, chunk: int | None = None) -> torch.Tensor:
+    """Run the prompt (b, l) into `state`, `chunk` tokens per call (None: all at once). Returns the
+    logits of the last position, (b, V).
+
+    Chunks give the same logits and state as one piece: Mamba layers carry their conv inputs and
+    SSM state from one call to the next, attention layers append to the KV cache and attend to all
+    of it. What changes is the peak activation memory, which then grows with the chunk, not the prompt.
+    """
+    l = input_ids.shape[1]
+    if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
+        raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {chunk!r}")
+    step = l if chunk is None else chunk
+    for start in range(0, l, step):
+        mask = None if attention_mask is None else attention_mask[:, start : start + step]
+        logits = model(input_ids[:, start : start + step], state=state, attention_mask=mask, logits_to_keep=1)
+    return logits[:, -1]  # (b, V)
+
+
+@torch.inference_mode()
 def generate_stream(
     model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None,
-    attention_mask=None, state: InferenceState | None = None,
+    attention_mask=None, state: InferenceState | None = None, prefill_chunk: int | None = None,
 ) -> Iterator[torch.Tensor]:  # fmt: skip
-    """Yield the next token of every row, (b,), max_new_tokens times."""
+    """Yield the next token of every row, (b,), max_new_tokens times. prefill_chunk: run the prompt
+    this many tokens at a time (None: in one piece); the result is the same either way."""
     b, l = input_ids.shape
     if l == 0:
         raise ValueError("the prompt is empty: generation needs at least one token to start from")
@@ -58,7 +80,7 @@ def generate_stream(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if state is None:
         state = model.new_state(b, l + max_new_tokens)
-    logits = model(input_ids, state=state, attention_mask=attention_mask, logits_to_keep=1)[:, -1]  # (b, V)
+    logits = prefill(model, input_ids, state, attention_mask, prefill_chunk)  # (b, V)
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)  # (b,)
         yield token
@@ -68,11 +90,15 @@ def generate_stream(
 
 def generate(
     model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None,
-    attention_mask=None,
+    attention_mask=None, prefill_chunk: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Prompt + new tokens, (b, l + max_new_tokens). Greedy at temperature 0; batched; prompts of
-    different lengths are left-padded with `attention_mask` (b, l) marking real tokens with 1."""
+    different lengths are left-padded with `attention_mask` (b, l) marking real tokens with 1.
+    prefill_chunk: run the prompt this many tokens at a time (bounds activation memory)."""
     new = list(
-        generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, generator, attention_mask)
-    )
+        generate_stream(
+            model, input_ids, max_new_tokens, temperature, top_k, top_p, generator, attention_mask,
+            prefill_chunk=prefill_chunk,
+        )
+    )  # fmt: skip
     return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids.clone()
