@@ -112,8 +112,9 @@ class MambaMixer(nn.Module):
         B = rearrange(self.b_layernorm(B), "b l n -> b n l")  # (b, n, l)
         C = rearrange(self.c_layernorm(C), "b l n -> b n l")  # (b, n, l)
         dt = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")  # bias goes to the scan
-        A = -torch.exp(self.A_log.float())  # (d, n)
-        D, dt_bias = self.D.float(), self.dt_proj.bias.float()
+        up = torch.promote_types(self.A_log.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
+        A = -torch.exp(self.A_log.to(up))  # (d, n)
+        D, dt_bias = self.D.to(up), self.dt_proj.bias.to(up)
 
         if state is not None and l == 1:  # decoding: one step of the recurrence
             y = scan.selective_state_update(
