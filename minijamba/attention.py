@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from minijamba.config import JambaConfig
 
@@ -59,16 +60,21 @@ class Attention(nn.Module):
 
         if state is None and mask is None:  # training: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return self.o_proj(rearrange(out, "b q l e -> b l (q e)"))  # (b, l, h)
+
+        end = l if state is None else state.length  # keys are positions [0, end)
+        start = end - l  # the new tokens sit at [start, end)
+        if cache is not None:
+            cache.k[:, :, start:end] = k
+            cache.v[:, :, start:end] = v
+            k, v = cache.k[:, :, :end], cache.v[:, :, :end]  # (b, g, s, e)
+        if state is not None and not state.padded:
+            # No padding anywhere: query i (position start + i) sees keys [0, start + i], a causal mask
+            # aligned to the bottom right. Given as such, SDPA can run flash attention: no (b, l, s)
+            # mask and no scores in memory, whatever the context. Same result as the masked path.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(l, end), enable_gqa=True)
         else:
-            end = l if state is None else state.length  # keys are positions [0, end)
-            start = end - l  # the new tokens sit at [start, end)
-            if cache is not None:
-                cache.k[:, :, start:end] = k
-                cache.v[:, :, start:end] = v
-                k, v = cache.k[:, :, :end], cache.v[:, :, :end]  # (b, g, s, e)
             valid = mask if state is None else state.valid[:, :end]  # (b, s) real tokens
-            if valid is None:
-                valid = torch.ones(b, end, dtype=torch.bool, device=x.device)
             pos_q = torch.arange(start, end, device=x.device)[:, None]  # (l, 1)
             pos_k = torch.arange(end, device=x.device)[None, :]  # (1, s)
             # A query sees real keys at or before it; a padding query sees itself (so no row is empty).

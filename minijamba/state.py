@@ -89,6 +89,7 @@ class InferenceState:
         self.capacity = capacity
         self.length = 0
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (b, s)
+        self.padded = False  # whether any position seen so far is padding (attention then needs a mask)
         self.layers: list[KVCache | MambaState] = []
         for shapes in _layer_shapes(config, batch_size, capacity):
             if "k" in shapes:
@@ -113,6 +114,8 @@ class InferenceState:
             )
         self.valid[:, self.length : self.length + l] = mask
         self.length += l
+        if not self.padded and not bool(mask.all()):
+            self.padded = True
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by kind: kv_cache, conv_state, ssm_state, and the total."""
