@@ -6,17 +6,35 @@ A backend is a pair of functions with mamba-ssm's signatures (see `minijamba.ssm
     selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 The model code never branches on the backend: the Mamba layer asks `get(name)` for the pair once and
-calls it. Optional packages are imported only when their backend is asked for.
+calls it. Optional packages are imported only when their backend is asked for (or when `available()`
+is asked what this machine can run).
 
     reference   minijamba.ssm, plain PyTorch; runs anywhere (the one to read)
+    triton      minijamba.backends.triton_scan, our Triton kernels; CUDA GPUs (or, slowly, Triton's
+                CPU interpreter with TRITON_INTERPRET=1, which the tests use); torch.compile sees
+                through it
+    mamba_ssm   mamba-ssm's CUDA scan and Triton decoding step, through minijamba.backends.mamba_ssm;
+                CUDA GPUs with the mamba-ssm package installed
+
+`python -m minijamba.backends` prints what this machine can run and what `--fast` would pick.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Callable, NamedTuple
 
 ENV_VAR = "MINIJAMBA_SCAN_BACKEND"
+
+# What --fast prefers, best first (bench/RESULTS.md has the measurements behind the order).
+FAST_ORDER = ("triton", "mamba_ssm")
+
+INSTALL_HINT = {
+    "triton": "pip install triton (Linux, with a CUDA GPU)",
+    "mamba_ssm": "pip install mamba-ssm --no-build-isolation (needs a CUDA GPU and a matching CUDA "
+    "toolkit; it compiles for minutes)",
+}
 
 
 class Backend(NamedTuple):
@@ -31,7 +49,20 @@ def _reference() -> Backend:
     return Backend("reference", ssm.selective_scan, ssm.selective_state_update)
 
 
-_LOADERS: dict[str, Callable[[], Backend]] = {"reference": _reference}
+def _triton() -> Backend:
+    from minijamba.backends import triton_scan
+
+    return Backend("triton", triton_scan.selective_scan, triton_scan.selective_state_update)
+
+
+def _mamba_ssm() -> Backend:
+    from minijamba.backends import mamba_ssm
+
+    mamba_ssm.load()  # import the compiled kernels now, so that a missing piece fails here
+    return Backend("mamba_ssm", mamba_ssm.selective_scan, mamba_ssm.selective_state_update)
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {"reference": _reference, "triton": _triton, "mamba_ssm": _mamba_ssm}
 _CACHE: dict[str, Backend] = {}
 
 
@@ -39,11 +70,72 @@ def names() -> list[str]:
     return list(_LOADERS)
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def why_unavailable(name: str) -> str | None:
+    """None if backend `name` can run on this machine, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None  # the interpreter runs the kernels on CPU tensors
+        if not _cuda():
+            return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels, slowly, on the CPU)"
+        return None
+    if name == "mamba_ssm":
+        if importlib.util.find_spec("mamba_ssm") is None:
+            return "the mamba-ssm package is not installed"
+        if not _cuda():
+            return "no CUDA GPU"
+        try:
+            from minijamba.backends import mamba_ssm
+
+            mamba_ssm.load()
+        except Exception as e:  # a broken build: say what broke
+            return f"mamba-ssm is installed but its kernels do not load ({type(e).__name__}: {e})"
+        return None
+    raise ValueError(f"unknown scan backend {name!r}: choose one of {', '.join(_LOADERS)}")
+
+
+def available() -> list[str]:
+    """The backends that can run on this machine."""
+    return [name for name in _LOADERS if why_unavailable(name) is None]
+
+
+def best_available() -> str:
+    """What `--fast` picks here: the fastest backend that runs on this GPU, else 'reference'.
+
+    Triton's CPU interpreter does not count: it is for tests, far slower than the reference."""
+    if not _cuda():
+        return "reference"
+    for name in FAST_ORDER:
+        if why_unavailable(name) is None:
+            return name
+    return "reference"
+
+
 def get(name: str | None = None) -> Backend:
-    """The backend called `name`; None means the environment variable, else 'reference'."""
+    """The backend called `name`; None means the environment variable, else 'reference'.
+
+    'fast' means `best_available()`. An unknown name or one this machine cannot run is a ValueError
+    that says why and how to install it."""
     name = name or os.environ.get(ENV_VAR) or "reference"
-    if name not in _LOADERS:
-        raise ValueError(f"unknown scan backend {name!r}: choose one of {', '.join(_LOADERS)}")
+    if name == "fast":
+        name = best_available()
     if name not in _CACHE:
+        if name not in _LOADERS:
+            raise ValueError(f"unknown scan backend {name!r}: choose one of {', '.join(_LOADERS)} (or 'fast')")
+        reason = why_unavailable(name)
+        if reason is not None:
+            raise ValueError(
+                f"scan backend {name!r} is not available here: {reason}. Install: {INSTALL_HINT[name]}; "
+                f"or choose one of: {', '.join(available())}"
+            )
         _CACHE[name] = _LOADERS[name]()
     return _CACHE[name]

@@ -1,0 +1,240 @@
+"""Every scan backend computes what the reference computes: outputs, gradients, decoding, states.
+
+The backends under test are those this machine can run. On a CPU-only machine (CI) that is the
+reference and our Triton kernels through Triton's interpreter (TRITON_INTERPRET=1, set below before
+any kernel is defined; it runs each program in Python, so the sizes here are tiny and the launch
+shapes small enough that every test still spans several programs and several time chunks). On a
+GPU the same tests run on CUDA tensors with the real launch shapes, and mamba_ssm joins when
+installed. The ground truth is `selective_scan_sequential` in float64.
+
+Shapes: u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,); states (b, d, n).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:  # must precede the first import of minijamba.backends.triton_scan
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from helpers import assert_close, gen, seeds  # noqa: E402
+from minijamba import backends  # noqa: E402
+from minijamba.ssm import selective_scan_sequential, selective_state_update  # noqa: E402
+
+DEVICE = "cuda" if GPU else "cpu"
+# Relative to the reference's largest value. The kernels compute in float32: float32 inputs agree
+# to float32 rounding through exp and sums of l terms; 16-bit inputs agree to the rounding of the
+# 16-bit outputs and gradients (8 bits of mantissa for bf16, 11 for fp16).
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+FAST = [name for name in backends.available() if name != "reference"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _small_launches_in_the_interpreter():
+    """Under the interpreter, small tiles: several programs and chunks even at these sizes."""
+    if GPU or "triton" not in FAST:
+        yield
+        return
+    from minijamba.backends import triton_scan
+
+    if not triton_scan._interpreting():
+        pytest.skip("triton_scan was imported before TRITON_INTERPRET=1 was set in this process")
+    saved = dict(triton_scan.CONFIG)
+    triton_scan.CONFIG.update(fwd=(4, 16, 1), fwd_train=(4, 8, 1), bwd=(4, 8, 1), step=(4, 1))
+    yield
+    triton_scan.CONFIG.update(saved)
+
+
+def inputs(b, d, n, l, seed, dtype, softplus=True, use=("D", "z", "delta_bias", "initial_state")):
+    """The scan's arguments in float64 on the CPU (the reference's copy), None where not in `use`,
+    each already rounded to `dtype` so that the reference sees exactly what the backend sees."""
+    g = gen(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    delta = r(b, d, l) if softplus else 0.05 + torch.rand(b, d, l, generator=g, dtype=torch.float64)
+    args = dict(
+        u=r(b, d, l), delta=delta, A=-torch.exp(0.5 * r(d, n)), B=r(b, n, l), C=r(b, n, l), D=r(d),
+        z=r(b, d, l), delta_bias=0.3 * r(d), initial_state=r(b, d, n),
+    )  # fmt: skip
+    keep_fp32 = ("A", "D", "delta_bias", "initial_state")  # parameters and the state stay float32
+    return {
+        k: None if (k in ("D", "z", "delta_bias", "initial_state") and k not in use)
+        else v.to(torch.float32 if k in keep_fp32 else dtype).double()
+        for k, v in args.items()
+    }  # fmt: skip
+
+
+def on_device(args, dtype):
+    keep_fp32 = ("A", "D", "delta_bias", "initial_state")
+    return {
+        k: None if v is None else v.detach().to(DEVICE, torch.float32 if k in keep_fp32 else dtype).requires_grad_()
+        for k, v in args.items()
+    }
+
+
+def run(scan, args, softplus, grads_in):
+    """Forward with the last state, then gradients of <y, gy> + <last, gl> w.r.t. every input."""
+    names = [k for k, v in args.items() if v is not None]
+    y, last = scan(
+        args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
+        args["delta_bias"], softplus, True, args["initial_state"],
+    )  # fmt: skip
+    gy, gl = grads_in
+    loss = (y.double() * gy.to(y.device)).sum() + (last.double() * gl.to(y.device)).sum()
+    grads = torch.autograd.grad(loss, [args[k] for k in names])
+    return y, last, dict(zip(names, grads))
+
+
+def check_backend(name, b, d, n, l, seed, dtype, softplus=True, use=("D", "z", "delta_bias", "initial_state")):
+    ref_args = inputs(b, d, n, l, seed, dtype, softplus, use)
+    g = gen(seed + 1)
+    grads_in = (torch.randn(b, d, l, generator=g, dtype=torch.float64),
+                torch.randn(b, d, n, generator=g, dtype=torch.float64))  # fmt: skip
+    for v in ref_args.values():
+        if v is not None:
+            v.requires_grad_()
+    y_ref, last_ref, g_ref = run(selective_scan_sequential, ref_args, softplus, grads_in)
+    args = on_device(ref_args, dtype)
+    y, last, grads = run(backends.get(name).selective_scan, args, softplus, grads_in)
+    tol = TOL[dtype]
+    assert y.dtype == dtype and last.dtype == torch.float32
+    assert_close(y.cpu(), y_ref, tol, f"{name} y")
+    assert_close(last.cpu(), last_ref, tol, f"{name} last state")
+    for k, gr in g_ref.items():
+        assert grads[k].dtype == args[k].dtype, f"{name} d{k} dtype"
+        assert_close(grads[k].cpu(), gr, tol, f"{name} d{k}")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_scan_and_gradients_match_the_reference(name):
+    """Everything at once: bias + softplus, D, z, initial and last state; l spans several chunks."""
+    check_backend(name, b=2, d=6, n=3, l=19 if not GPU else 77, seed=0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_inputs(name, dtype):
+    """16-bit inputs, float32 state: the error is the rounding of the 16-bit results, no more."""
+    check_backend(name, b=1, d=5, n=4, l=13 if not GPU else 100, seed=1, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", FAST)
+@settings(max_examples=4 if not GPU else 8, deadline=None)
+@given(
+    b=st.integers(1, 2), d=st.integers(1, 9), n=st.integers(1, 5), l=st.integers(1, 20 if not GPU else 300),
+    softplus=st.booleans(), use=st.sets(st.sampled_from(["D", "z", "delta_bias", "initial_state"])),
+    seed=seeds,
+)  # fmt: skip
+def test_any_shape_and_options(name, b, d, n, l, softplus, use, seed):
+    """Any sizes (n not a power of two, l not a multiple of the chunk), any subset of the options."""
+    check_backend(name, b, d, n, l, seed % 10_000, torch.float32, softplus, tuple(use))
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_decoding_step_matches_the_reference(name):
+    """One step on a cached state: output and the in-place state update, z taken as a strided view."""
+    b, d, n = 3, 7, 5
+    a = inputs(b, d, n, 1, seed=2, dtype=torch.float32)
+    g = gen(3)
+    state = torch.randn(b, d, n, generator=g)
+    z_wide = torch.randn(b, 2 * d, generator=g)  # z as the model slices it: a view with stride 2d
+    args = dict(x=a["u"][..., 0], dt=a["delta"][..., 0], A=a["A"], B=a["B"][..., 0], C=a["C"][..., 0], D=a["D"])
+    f32 = {k: v.float() for k, v in args.items()}
+    s_ref = state.clone()
+    y_ref = selective_state_update(s_ref, **f32, z=z_wide[:, d:], dt_bias=a["delta_bias"].float(), dt_softplus=True)
+    s = state.to(DEVICE)
+    dev = {k: v.to(DEVICE) for k, v in f32.items()}
+    y = backends.get(name).selective_state_update(
+        s, **dev, z=z_wide.to(DEVICE)[:, d:], dt_bias=a["delta_bias"].float().to(DEVICE), dt_softplus=True
+    )
+    assert_close(y.cpu(), y_ref, TOL[torch.float32], f"{name} step y")
+    assert_close(s.cpu(), s_ref, TOL[torch.float32], f"{name} step state")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_scan_equals_decoding_steps_and_split_scans(name):
+    """A scan over l tokens = l decoding steps = a scan of the first part continued from its last state."""
+    b, d, n, l, k = 2, 5, 4, 11, 6
+    a = {k_: None if v is None else v.float().to(DEVICE) for k_, v in inputs(b, d, n, l, 4, torch.float32).items()}
+    be = backends.get(name)
+    common = dict(D=a["D"], delta_bias=a["delta_bias"], delta_softplus=True, return_last_state=True)
+    y, last = be.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], z=a["z"], **common)
+    # The same, in two calls: the second starts from the first's last state.
+    sl = lambda t, s: t[..., s]  # noqa: E731
+    y1, h = be.selective_scan(*(sl(a[x], slice(0, k)) for x in ("u", "delta")), a["A"],
+                              *(sl(a[x], slice(0, k)) for x in ("B", "C")), z=sl(a["z"], slice(0, k)), **common)
+    y2, last2 = be.selective_scan(*(sl(a[x], slice(k, l)) for x in ("u", "delta")), a["A"],
+                                  *(sl(a[x], slice(k, l)) for x in ("B", "C")), z=sl(a["z"], slice(k, l)),
+                                  initial_state=h, **common)  # fmt: skip
+    assert_close(torch.cat([y1, y2], -1).cpu(), y.cpu(), TOL[torch.float32], "split scan y")
+    assert_close(last2.cpu(), last.cpu(), TOL[torch.float32], "split scan last state")
+    # And one token at a time through the decoding step.
+    state = torch.zeros(b, d, n, device=DEVICE)
+    steps = [
+        be.selective_state_update(state, a["u"][..., t], a["delta"][..., t], a["A"], a["B"][..., t],
+                                  a["C"][..., t], a["D"], a["z"][..., t], a["delta_bias"], True)
+        for t in range(l)
+    ]  # fmt: skip
+    assert_close(torch.stack(steps, -1).cpu(), y.cpu(), TOL[torch.float32], "decoding steps y")
+    assert_close(state.cpu(), last.cpu(), TOL[torch.float32], "decoding steps state")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_empty_sequence_passes_the_state_through(name):
+    a = {k: None if v is None else v.float().to(DEVICE) for k, v in inputs(1, 3, 2, 0, 5, torch.float32).items()}
+    y, last = backends.get(name).selective_scan(
+        a["u"], a["delta"], a["A"], a["B"], a["C"], return_last_state=True, initial_state=a["initial_state"]
+    )
+    assert y.shape == (1, 3, 0)
+    assert torch.equal(last.cpu(), a["initial_state"].cpu())
+
+
+# --- the dispatch point ---------------------------------------------------------------------------
+
+
+def test_unknown_or_unavailable_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown scan backend 'nope'"):
+        backends.get("nope")
+    missing = [name for name in backends.names() if backends.why_unavailable(name) is not None]
+    for name in missing:
+        with pytest.raises(ValueError, match=f"'{name}' is not available here: .*Install: "):
+            backends.get(name)
+
+
+def test_reference_is_always_available_and_fast_picks_an_available_one():
+    assert "reference" in backends.available()
+    best = backends.best_available()
+    assert best in backends.available()
+    if not GPU:
+        assert best == "reference"  # the interpreter is for tests, never for speed
+    assert backends.get("fast").name == best
+
+
+def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    if "triton" not in FAST or GPU:
+        pytest.skip("needs the triton backend on a CPU machine")
+    from minijamba.backends import triton_scan
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a = inputs(1, 2, 2, 3, 6, torch.float32)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        triton_scan.selective_scan(a["u"].float(), a["delta"].float(), a["A"].float(), a["B"].float(), a["C"].float())
+
+
+def test_command_line_listing():
+    out = subprocess.run(
+        [sys.executable, "-m", "minijamba.backends"], capture_output=True, text=True, check=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    ).stdout  # fmt: skip
+    for name in backends.names():
+        assert name in out
+    assert f"--fast picks: {backends.best_available() if GPU else 'reference'}" in out
