@@ -152,7 +152,8 @@ class Jamba(nn.Module):
         logits = self.lm_head(x)  # (b, l, V)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        up = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
+        loss = F.cross_entropy(logits.to(up).flatten(0, 1), targets.flatten(), ignore_index=-100)
         if aux and self.config.router_aux_loss_coef > 0:
             loss = loss + self.config.router_aux_loss_coef * torch.stack(aux).mean()
         return logits, loss

@@ -112,9 +112,10 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> tor
     """Rows x[ends[i-1]:ends[i]] times w[i]ᵀ for every group i. x (t, i); w (n, o, i) -> (t, o).
 
     `F.grouped_mm` does it in one call where it has a kernel (CPU; CUDA in bf16 with dims that are
-    multiples of 16 bytes); elsewhere the same slices run one matmul each."""
+    multiples of 16 bytes; no float64 kernel anywhere); elsewhere the same slices run one matmul each."""
     aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[1], w.shape[1]))
-    if aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16) and x.dtype == w.dtype:
+    kernel = x.dtype != torch.float64 and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    if aligned and kernel and x.dtype == w.dtype:
         return F.grouped_mm(x, w.transpose(1, 2), offs=ends)
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     return torch.cat([F.linear(xi, w[i]) for i, xi in enumerate(x.split(sizes))])
