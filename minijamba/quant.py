@@ -158,6 +158,8 @@ class Int8Experts(nn.Module):
         token = order // K  # the token of each sorted assignment   (t*K,)
         sizes = torch.bincount(flat, minlength=n).tolist()  # tokens per expert (one host sync)
         xs = x[token]  # (t*K, h)
+        if t == 0:
+            return torch.zeros_like(x)
         ys = torch.cat([self.expert(i, xi) for i, xi in enumerate(xs.split(sizes)) if xi.shape[0]])  # (t*K, h)
         ys = ys * weights.reshape(-1)[order, None]  # scale by the router weight
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # sum the K outputs per token
