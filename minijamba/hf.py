@@ -1,0 +1,389 @@
+"""Reading and writing transformers' Jamba checkpoints: a folder with config.json and safetensors.
+
+Glossary:
+
+    n   experts in an MoE layer
+    h   model width
+    f   hidden width of an expert (intermediate_size)
+    i   layer index, j expert index
+
+Tensor names are transformers' `JambaForCausalLM` state dict keys: ours with a `model.` prefix
+(`lm_head.weight` has none). The experts come in two layouts, and `load_hf` reads both:
+
+    per expert   model.layers.{i}.feed_forward.experts.{j}.gate_proj.weight   (f, h)
+                 model.layers.{i}.feed_forward.experts.{j}.up_proj.weight     (f, h)
+                 model.layers.{i}.feed_forward.experts.{j}.down_proj.weight   (h, f)
+                 as the published checkpoints (ai21labs/Jamba-v0.1) and transformers' save_pretrained
+                 write them; `save_hf` writes this layout too, so from_pretrained loads it.
+    fused        model.layers.{i}.feed_forward.experts.gate_up_proj           (n, 2f, h)
+                 model.layers.{i}.feed_forward.experts.down_proj              (n, h, f)
+                 as transformers 5 holds them in memory (its state_dict()) and minijamba's `Experts`
+                 stores them: gate_up_proj[j] = cat([gate_j, up_j]), gate first, which is what
+                 transformers' conversion does (stack the experts, then concatenate gate and up).
+
+Loading is built for models larger than host memory (the 52B Jamba-v0.1 onto a GPU):
+
+    1. plan     read only the shard headers (names, shapes, dtypes); map every tensor to the
+                parameter, and the slice of it, that it fills; report every missing, unexpected or
+                misshapen tensor before a single weight is read
+    2. build    `Jamba(config)` on the meta device: no memory, no initialisation
+    3. fill     shard by shard (one open at a time, one tensor in host memory at a time), copy each
+                tensor into its parameter, allocated on `device` in `dtype` when first needed; a fused
+                expert parameter is filled expert by expert, so experts may straddle shards
+    4. finish   a parameter whose last slice has arrived goes through `_finish_parameter`: the hook
+                where `quantize` will plug in (quantize the expert weights as they complete, so the
+                full-precision model never has to fit on the device)
+
+A_log, D and dt_proj.bias stay in float32 whatever `dtype` is: the scan reads them in float32
+(A = -exp(A_log), the skip D, and Δ = softplus(Δ + bias)), and rounding them to bf16 would move every
+channel's decay rate and step size. They are a tiny fraction of the parameters.
+
+Only safetensors are read: never torch.load or pickle, which can run code from an untrusted file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minijamba.config import JambaConfig
+from minijamba.model import Jamba
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+QUANTIZE_MODES = (None,)  # `quantize` values load_hf accepts; quantized experts come later
+FLOAT32_PARAMS = ("A_log", "D", "dt_proj.bias")  # kept in float32 whatever dtype (see above)
+
+_PER_EXPERT = re.compile(  # layers.{i}.feed_forward.experts.{j}.{gate,up,down}_proj.weight
+    r"^(layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}  # fmt: skip
+_SHOW = 8  # names shown in an error message before "... and N more"
+
+
+# ------------------------------------------------------------------------------------------------
+# names
+def _file_key(name: str) -> str:
+    """Our parameter name -> transformers' key: a `model.` prefix except for the LM head."""
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
+def _model_name(key: str) -> str:
+    return key[len("model.") :] if key.startswith("model.") else key
+
+
+def _fp32(name: str) -> bool:
+    return any(name == s or name.endswith("." + s) for s in FLOAT32_PARAMS)
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOW])
+    return f"{shown} ... and {len(names) - _SHOW} more" if len(names) > _SHOW else shown
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+@dataclass
+class _Piece:
+    """Where one tensor of the files goes: `index` of parameter `name`, which covers `parts`."""
+
+    key: str  # the tensor's name in the files
+    name: str  # our parameter
+    index: tuple  # the slice of the parameter it fills (() = all of it)
+    parts: frozenset  # which parts of the parameter it covers, for the missing-tensor check
+    shape: tuple  # the shape the tensor must have
+
+
+def _parts(name: str, shape: tuple) -> frozenset:
+    """The parts a parameter is assembled from: one per expert and projection for fused experts."""
+    if name.endswith("experts.gate_up_proj"):
+        return frozenset((j, p) for j in range(shape[0]) for p in ("gate_proj", "up_proj"))
+    if name.endswith("experts.down_proj"):
+        return frozenset((j, "down_proj") for j in range(shape[0]))
+    return frozenset([None])
+
+
+def _piece(key: str, shapes: dict[str, tuple]) -> _Piece | None:
+    """Map a file key onto our parameters, or None when it has no place in this model."""
+    name = _model_name(key)
+    if name in shapes:
+        return _Piece(key, name, (), _parts(name, shapes[name]), shapes[name])
+    m = _PER_EXPERT.match(name)
+    if m is None:
+        return None
+    prefix, j, proj = m.group(1), int(m.group(2)), m.group(3)
+    target = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+    if target not in shapes or j >= shapes[target][0]:
+        return None
+    n, rows, cols = shapes[target]
+    if proj == "down_proj":
+        index = (j,)
+    else:
+        f = rows // 2
+        index = (j, slice(0, f)) if proj == "gate_proj" else (j, slice(f, 2 * f))
+        rows = f
+    return _Piece(key, target, index, frozenset([(j, proj)]), (rows, cols))
+
+
+def _missing_keys(name: str, shape: tuple, have: frozenset) -> list[str]:
+    """File keys a reader could add to supply the parts of `name` that nothing supplied."""
+    missing = _parts(name, shape) - have
+    if missing == _parts(name, shape) or missing == {None}:
+        return [_file_key(name)]
+    prefix = name.rsplit(".", 1)[0]
+    return [_file_key(f"{prefix}.{j}.{p}.weight") for j, p in sorted(missing)]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: the shards named by the index, or the one file."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map': it is not a safetensors index")
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f"{f} is listed in {index} but does not exist: the download is incomplete"
+                )
+        return files
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected {WEIGHTS_NAME}, or {INDEX_NAME} with its shards "
+        "(only safetensors are read; convert .bin checkpoints with transformers first)"
+    )
+
+
+def _check_quantize(quantize) -> None:
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(
+            f"quantize={quantize!r} is not supported: choose one of {', '.join(map(repr, QUANTIZE_MODES))}"
+        )
+
+
+def _finish_parameter(model: Jamba, name: str, tensor: torch.Tensor, quantize) -> None:
+    """The quantize hook: the one place a fully loaded tensor becomes parameter `name` of the model.
+
+    With quantize=None it is installed as it is. A quantized mode will replace the expert weights
+    here, as each completes, by their quantized form (and the modules that use them)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters[attr]
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None) -> Jamba:
+    """Load a transformers Jamba checkpoint folder (config.json + safetensors) as a `Jamba`.
+
+    path: the folder; weights in `model.safetensors`, or sharded with `model.safetensors.index.json`;
+        experts per expert or fused (see the module docstring).
+    device: where the parameters are created, directly (the model never sits in host memory whole).
+    dtype: of the parameters; None = the dtype the checkpoint stores its embedding in. A_log, D and
+        dt_proj.bias are float32 whatever this is.
+    quantize: None (reserved for quantized experts; other values raise ValueError).
+
+    With `tie_word_embeddings` the LM head is the embedding, and an `lm_head.weight` in the files
+    is ignored, as transformers does.
+
+    Raises FileNotFoundError for a missing folder, config.json or weight file, and ValueError listing
+    the missing, unexpected or misshapen tensors. Returns the model in eval mode.
+    """
+    from safetensors import safe_open
+
+    _check_quantize(quantize)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder)")
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{folder / CONFIG_NAME} does not exist: a checkpoint folder needs its config.json"
+        )
+    config = JambaConfig.from_hf(json.loads((folder / CONFIG_NAME).read_text()))
+    files = _weight_files(folder)
+
+    # 1. plan: headers only.
+    with torch.device("meta"):
+        model = Jamba(config)  # 2. build: no memory, no initialisation
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied head listed once
+    plan: dict[Path, list[_Piece]] = {f: [] for f in files}
+    have: dict[str, frozenset] = {name: frozenset() for name in shapes}
+    unexpected, misshapen, twice = [], [], []
+    stored_dtype = None
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                piece = _piece(key, shapes)
+                if piece is None:
+                    if not (key == "lm_head.weight" and config.tie_word_embeddings):  # tied: the embedding
+                        unexpected.append(key)
+                    continue
+                info = f.get_slice(key)
+                if have[piece.name] & piece.parts:
+                    twice.append(key)
+                    continue
+                have[piece.name] |= piece.parts  # found (so not also listed as missing)
+                if tuple(info.get_shape()) != piece.shape:
+                    misshapen.append(f"{key} {tuple(info.get_shape())} (expected {piece.shape})")
+                else:
+                    plan[file].append(piece)
+                    if piece.name == "embed_tokens.weight" or stored_dtype is None:
+                        stored_dtype = _DTYPES.get(info.get_dtype(), stored_dtype)
+    missing = [k for name in shapes if have[name] != _parts(name, shapes[name])
+               for k in _missing_keys(name, shapes[name], have[name])]  # fmt: skip
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen),
+                       ("given twice", twice)):  # fmt: skip
+        if keys:
+            problems.append(f"{len(keys)} {what}: {_listing(keys)}")
+    if problems:
+        raise ValueError(
+            f"the tensors in {folder} do not match its config.json ({config.describe()}): "
+            + "; ".join(problems)
+        )
+    dtype = dtype or stored_dtype or torch.float32
+
+    # 3. fill, shard by shard; 4. finish each parameter as its last part arrives.
+    device = torch.device(device)
+    filling: dict[str, torch.Tensor] = {}
+    done: dict[str, frozenset] = {name: frozenset() for name in shapes}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for piece in plan[file]:
+                if piece.name not in filling:
+                    filling[piece.name] = torch.empty(
+                        shapes[piece.name], dtype=torch.float32 if _fp32(piece.name) else dtype, device=device
+                    )
+                filling[piece.name][piece.index].copy_(f.get_tensor(piece.key))
+                done[piece.name] |= piece.parts
+                if done[piece.name] == _parts(piece.name, shapes[piece.name]):
+                    _finish_parameter(model, piece.name, filling.pop(piece.name), quantize)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# saving
+def _parse_size(size) -> int:
+    """Bytes from an int or a string like '5GB', '500MB', '2GiB' (KB = 1000, KiB = 1024)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B\s*", str(size).upper())
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes or like '5GB', got {size!r}")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2) or "_"))
+
+
+def _hf_tensors(model: Jamba):
+    """(file key, shape, dtype, make) for every tensor of the per-expert layout; `make()` returns a
+    CPU copy, so that a shard's tensors exist only while the shard is written."""
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # transformers ties it to the embedding on load
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            prefix = name.rsplit(".", 1)[0]
+            f = p.shape[1] // 2
+            for j in range(p.shape[0]):
+                if name.endswith("gate_up_proj"):
+                    for proj, rows in (("gate_proj", slice(0, f)), ("up_proj", slice(f, 2 * f))):
+                        out.append((_file_key(f"{prefix}.{j}.{proj}.weight"), (f, p.shape[2]), p.dtype,
+                                    lambda p=p, j=j, rows=rows: p[j, rows]))  # fmt: skip
+                else:
+                    out.append((_file_key(f"{prefix}.{j}.down_proj.weight"), tuple(p.shape[1:]), p.dtype,
+                                lambda p=p, j=j: p[j]))  # fmt: skip
+        else:
+            out.append((_file_key(name), tuple(p.shape), p.dtype, lambda p=p: p))
+    return out
+
+
+def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:
+    """Write `model` as a folder transformers' `JambaForCausalLM.from_pretrained` loads.
+
+    config.json (`config.to_hf()`) and safetensors in the per-expert layout: `model.safetensors`, or
+    when larger than max_shard_size (bytes, or a string like '5GB') numbered shards with
+    `model.safetensors.index.json`. Atomic: everything is written to a temporary folder next to
+    `path`, which then replaces it; other files already in `path` (a tokenizer, ...) are kept.
+    Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    limit = _parse_size(max_shard_size)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("the model is on the meta device: it has no weights to save")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder: save_hf writes a checkpoint folder")
+
+    tensors = _hf_tensors(model)
+    shards: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = torch.Size(t[1]).numel() * t[2].itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]  # fmt: skip
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        with torch.no_grad():
+            for shard, file in zip(shards, names):
+                data = {key: make().detach().to("cpu", copy=True).contiguous() for key, _, _, make in shard}
+                save_file(data, tmp / file, metadata={"format": "pt"})
+                del data
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(torch.Size(s).numel() * d.itemsize for _, s, d, _ in tensors)},
+                "weight_map": {t[0]: file for shard, file in zip(shards, names) for t in shard},
+            }
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        hf = model.config.to_hf()
+        hf["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Put `new` where `folder` is, keeping the files of the old folder that are not weights or config."""
+    if not folder.exists():
+        os.replace(new, folder)
+        return
+    ours = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json)$")
+    for entry in folder.iterdir():
+        if not ours.match(entry.name):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, new / entry.name)
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+    os.replace(folder, old / "x")  # move the old folder aside, then the new one in
+    try:
+        os.replace(new, folder)
+    except BaseException:
+        os.replace(old / "x", folder)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
