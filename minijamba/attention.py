@@ -67,7 +67,9 @@ class Attention(nn.Module):
         if cache is not None:
             cache.k[:, :, start:end] = k
             cache.v[:, :, start:end] = v
-            k, v = cache.k[:, :, :end], cache.v[:, :, :end]  # (b, g, s, e)
+            # All keys and values so far (b, g, s, e), in the queries' dtype: under bf16 autocast the
+            # queries are bf16 while the cache keeps the model's dtype.
+            k, v = cache.k[:, :, :end].to(q.dtype), cache.v[:, :, :end].to(q.dtype)
         if state is not None and not state.padded:
             # No padding anywhere: query i (position start + i) sees keys [0, start + i], a causal mask
             # aligned to the bottom right. Given as such, SDPA can run flash attention: no (b, l, s)

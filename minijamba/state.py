@@ -12,8 +12,9 @@ Glossary:
 
 An attention layer keeps every key and value it has seen: (b, g, s, e) each, growing with the context.
 A Mamba layer keeps a fixed-size summary whatever the context: the last k-1 convolution inputs
-(b, d, k-1) and the SSM state h (b, d, n) in float32. This is the paper's memory argument (Table 1):
-with one attention layer in eight, Jamba's cache is a fraction of a transformer's of the same size.
+(b, d, k-1) and the SSM state h (b, d, n) in float32 (float64 for a float64 model). This is the
+paper's memory argument (Table 1): with one attention layer in eight, Jamba's cache is a fraction of
+a transformer's of the same size.
 
 All buffers are allocated once, up front, for `capacity` tokens, so that `nbytes()` is what the
 state really occupies and the memory plan can be computed before anything runs (`plan_nbytes`).
@@ -57,10 +58,15 @@ def _layer_shapes(config: JambaConfig, batch_size: int, capacity: int) -> list[d
     return shapes
 
 
+def _ssm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The SSM state never accumulates in 16 bits: float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def plan_nbytes(config: JambaConfig, batch_size: int, capacity: int, dtype=torch.bfloat16) -> dict[str, int]:
     """Bytes an `InferenceState` of this size will occupy, computed without allocating it.
 
-    KV cache and conv state are in `dtype`; the SSM state is always float32.
+    KV cache and conv state are in `dtype`; the SSM state is float32 (float64 if `dtype` is).
     """
     size = torch.empty((), dtype=dtype).element_size()
     out = {"kv_cache": 0, "conv_state": 0, "ssm_state": 0}
@@ -74,7 +80,7 @@ def plan_nbytes(config: JambaConfig, batch_size: int, capacity: int, dtype=torch
             elif name == "conv":
                 out["conv_state"] += numel * size
             else:
-                out["ssm_state"] += numel * 4
+                out["ssm_state"] += numel * _ssm_dtype(dtype).itemsize
     out["total"] = sum(out.values())
     return out
 
@@ -98,7 +104,8 @@ class InferenceState:
                 )
             else:
                 conv = torch.zeros(shapes["conv"], device=device, dtype=dtype)
-                self.layers.append(MambaState(conv, torch.zeros(shapes["ssm"], device=device, dtype=torch.float32)))
+                ssm = torch.zeros(shapes["ssm"], device=device, dtype=_ssm_dtype(dtype))
+                self.layers.append(MambaState(conv, ssm))
 
     @property
     def batch_size(self) -> int:
