@@ -238,14 +238,16 @@ def check(p: MemoryPlan, available: int) -> None:
     if p.total <= available:
         return
     best = largest_context(p, available)
-    hint = (
-        f"the largest context that fits is {best:,} tokens" if best
-        else "even the weights do not fit: try quantize='int8' (--int8-experts) or a smaller model"
-    )  # fmt: skip
+    if best:
+        hint = (
+            f"the largest context that fits is {best:,} tokens (with prefill chunk {p.chunk:,}; a smaller "
+            f"chunk lowers the activations)"
+        )
+    else:
+        hint = "even the weights do not fit: use quantize='int8' (--int8-experts) or a smaller model"
     raise DoesNotFit(
         f"this run needs {p.total / GiB:.2f} GiB (weights {p.weights_total / GiB:.2f}, state "
         f"{p.state['total'] / GiB:.2f}, activations {p.activations_peak / GiB:.2f}) but the device has "
-        f"{available / GiB:.2f} GiB free: {hint} with prefill chunk {p.chunk:,}; a smaller chunk "
-        f"lowers the activations",
+        f"{available / GiB:.2f} GiB free: {hint}",
         best,
     )
