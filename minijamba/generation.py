@@ -24,21 +24,27 @@ import torch
 from minijamba.state import InferenceState
 
 
+def check_sampling(temperature=0.0, top_k=None, top_p=None) -> None:
+    """Raise ValueError for a bad temperature, top_k or top_p, whatever the temperature (a bad top_k
+    is a mistake even where greedy decoding does not use it)."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
 def sample(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """Pick one token per row of logits (b, V) -> (b,). Greedy at temperature 0."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (b, V)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
@@ -78,6 +84,21 @@ def generate_stream(
         raise ValueError("the prompt is empty: generation needs at least one token to start from")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+                "they must match"
+            )
+        real = attention_mask.to(torch.bool)
+        if not real[:, -1].all() or (real[:, :-1] & ~real[:, 1:]).any():
+            # Right padding (or a hole) would let the SSM state decay over the padding, and an
+            # all-padding row would generate from nothing.
+            raise ValueError(
+                "attention_mask must be left padding: each row 0...0 1...1 with at least one 1 "
+                "(pad prompts on the left)"
+            )
     if state is None:
         state = model.new_state(b, l + max_new_tokens)
     logits = prefill(model, input_ids, state, attention_mask, prefill_chunk)  # (b, V)
