@@ -53,7 +53,7 @@ class Attention(nn.Module):
         state: the model's `InferenceState` (its `length` already counts these l tokens) and cache
         this layer's `KVCache` in it, or both None. mask: (b, l) bool, False at padding, or None.
         """
-        b, l, _ = x.shape
+        l = x.shape[1]
         q = rearrange(self.q_proj(x), "b l (q e) -> b q l e", e=self.e)  # (b, q, l, e)
         k = rearrange(self.k_proj(x), "b l (g e) -> b g l e", e=self.e)  # (b, g, l, e)
         v = rearrange(self.v_proj(x), "b l (g e) -> b g l e", e=self.e)  # (b, g, l, e)

@@ -30,9 +30,11 @@ Loading is built for models larger than host memory (the 52B Jamba-v0.1 onto a G
     3. fill     shard by shard (one open at a time, one tensor in host memory at a time), copy each
                 tensor into its parameter, allocated on `device` in `dtype` when first needed; a fused
                 expert parameter is filled expert by expert, so experts may straddle shards
-    4. finish   a parameter whose last slice has arrived goes through `_finish_parameter`: the hook
-                where `quantize` will plug in (quantize the expert weights as they complete, so the
-                full-precision model never has to fit on the device)
+    4. finish   a parameter whose last slice has arrived goes through `_finish_parameter`. With
+                quantize='int8' the experts are `minijamba.quant.Int8Experts` from the start and each
+                expert tensor is quantized on `device` the moment it is read (scales are per row, so
+                gate, up and down quantize on their own): the experts never exist in 16 bits, and
+                the full-precision model never has to fit on the device
 
 A_log, D and dt_proj.bias stay in float32 whatever `dtype` is: the scan reads them in float32
 (A = -exp(A_log), the skip D, and Δ = softplus(Δ + bias)), and rounding them to bf16 would move every
@@ -60,7 +62,7 @@ from minijamba.model import Jamba
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-QUANTIZE_MODES = (None,)  # `quantize` values load_hf accepts; quantized experts come later
+QUANTIZE_MODES = (None, "int8")  # `quantize` values load_hf accepts (see minijamba.quant)
 FLOAT32_PARAMS = ("A_log", "D", "dt_proj.bias")  # kept in float32 whatever dtype (see above)
 
 _PER_EXPERT = re.compile(  # layers.{i}.feed_forward.experts.{j}.{gate,up,down}_proj.weight
@@ -193,7 +195,8 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     device: where the parameters are created, directly (the model never sits in host memory whole).
     dtype: of the parameters; None = the dtype the checkpoint stores its embedding in. A_log, D and
         dt_proj.bias are float32 whatever this is.
-    quantize: None (reserved for quantized experts; other values raise ValueError).
+    quantize: None, or 'int8' for int8 weight-only experts (minijamba.quant), quantized as they load;
+        everything else (Mamba layers included) stays in `dtype`.
 
     With `tie_word_embeddings` the LM head is the embedding, and an `lm_head.weight` in the files
     is ignored, as transformers does.
@@ -207,6 +210,7 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     folder = Path(path)
+    device = torch.device(device)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder)")
     if not (folder / CONFIG_NAME).is_file():
@@ -219,6 +223,16 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     # 1. plan: headers only.
     with torch.device("meta"):
         model = Jamba(config)  # 2. build: no memory, no initialisation
+    int8 = {}  # experts module name -> Int8Experts on `device`, filled as the tensors arrive
+    if quantize == "int8":
+        from minijamba.moe import Experts
+        from minijamba.quant import Int8Experts
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, Experts):
+                parent, _, attr = name.rpartition(".")
+                int8[name] = Int8Experts(config, device=device)
+                setattr(model.get_submodule(parent), attr, int8[name])
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied head listed once
     plan: dict[Path, list[_Piece]] = {f: [] for f in files}
     have: dict[str, frozenset] = {name: frozenset() for name in shapes}
@@ -258,12 +272,15 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     dtype = dtype or stored_dtype or torch.float32
 
     # 3. fill, shard by shard; 4. finish each parameter as its last part arrives.
-    device = torch.device(device)
     filling: dict[str, torch.Tensor] = {}
     done: dict[str, frozenset] = {name: frozenset() for name in shapes}
     for file in files:
         with safe_open(file, framework="pt") as f:
             for piece in plan[file]:
+                module_name, _, attr = piece.name.rpartition(".")
+                if module_name in int8:  # int8 experts: quantized as read, in place
+                    int8[module_name].load_rows_(attr, piece.index, f.get_tensor(piece.key))
+                    continue
                 if piece.name not in filling:
                     filling[piece.name] = torch.empty(
                         shapes[piece.name], dtype=torch.float32 if _fp32(piece.name) else dtype, device=device
@@ -300,6 +317,9 @@ def _hf_tensors(model: Jamba):
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
             prefix = name.rsplit(".", 1)[0]
             f = p.shape[1] // 2
+            if p.dtype == torch.int8:  # int8 experts are written dequantized, in the model's dtype
+                dtype = model.embed_tokens.weight.dtype
+                p = _Dequantized(model.get_submodule(prefix), name.rpartition(".")[2], dtype)
             for j in range(p.shape[0]):
                 if name.endswith("gate_up_proj"):
                     for proj, rows in (("gate_proj", slice(0, f)), ("up_proj", slice(f, 2 * f))):
@@ -311,6 +331,18 @@ def _hf_tensors(model: Jamba):
         else:
             out.append((_file_key(name), tuple(p.shape), p.dtype, lambda p=p: p))
     return out
+
+
+class _Dequantized:
+    """Indexing gives float weights of an `Int8Experts` parameter, so a quantized model saves as floats."""
+
+    def __init__(self, experts, name: str, dtype: torch.dtype):
+        self.experts, self.name, self.dtype = experts, name, dtype
+        self.shape = getattr(experts, name).shape
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        return self.experts.dequantized(self.name, index, self.dtype)
 
 
 def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:

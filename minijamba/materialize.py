@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from minijamba.config import JambaConfig
+from minijamba.hf import FLOAT32_PARAMS
 from minijamba.model import Jamba
 from minijamba.moe import Experts, SparseMoE
 from minijamba.norm import RMSNorm
@@ -45,6 +46,9 @@ def meta_model(config: JambaConfig, dtype=torch.bfloat16, quantize=None) -> Jamb
     check_quantize(quantize)
     with torch.device("meta"):
         model = Jamba(config).to(dtype)
+        for name, p in model.named_parameters():
+            if name.endswith(tuple("." + s for s in FLOAT32_PARAMS)):  # A_log, D, dt_proj.bias: float32 as in load_hf
+                p.data = p.data.float()
         if quantize == "int8":
             for module in model.modules():
                 if isinstance(module, SparseMoE):
@@ -134,6 +138,14 @@ def build(
     return model.eval()
 
 
-def from_preset(name: str, device="cpu", dtype=torch.bfloat16, quantize=None, seed: int = 0, progress: bool = False, **overrides):
+def from_preset(
+    name: str,
+    device="cpu",
+    dtype=torch.bfloat16,
+    quantize=None,
+    seed: int = 0,
+    progress: bool = False,
+    **overrides,
+):
     """`build` for a preset, with optional config overrides (e.g. num_hidden_layers=8)."""
     return build(JambaConfig.from_preset(name, **overrides), device, dtype, quantize, seed, progress)

@@ -121,7 +121,10 @@ class MemoryPlan:
         lines += ["  inference state (exact)"]
         lines += [row(f"  {k}", v) for k, v in self.state.items() if k != "total"]
         lines += [f"  activations per call of {self.batch * self.chunk:,} tokens (estimate)"]
-        lines += [row(f"  {k}", v, "" if k in ("residual", "logits") else "(layer kind)") for k, v in self.activations.items()]
+        lines += [
+            row(f"  {k}", v, "" if k in ("residual", "logits") else "(layer kind)")
+            for k, v in self.activations.items()
+        ]
         lines += [row("  peak", self.activations_peak, "residual + worst layer kind + logits")]
         lines += [row("total", self.total)]
         return "\n".join(lines)

@@ -82,6 +82,14 @@ class Jamba(nn.Module):
         if self.embed_tokens.weight.device.type != "meta":
             self.reset_parameters()
 
+    @classmethod
+    def from_preset(cls, name: str, device="cpu", dtype=torch.bfloat16, quantize=None, seed: int = 0, **overrides):
+        """A preset ('jamba-v0.1', 'tiny') with seeded random weights, built piece by piece directly on
+        `device`, with int8 experts if quantize='int8'. See minijamba.materialize."""
+        from minijamba.materialize import from_preset
+
+        return from_preset(name, device, dtype, quantize, seed, **overrides)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) weights, output projections scaled down by sqrt(2 * layers)

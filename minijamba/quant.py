@@ -54,7 +54,9 @@ QUANTIZE_MODES = (None, "int8")
 def check_quantize(quantize) -> None:
     """Raise ValueError unless `quantize` is None or one of the supported modes."""
     if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantize={quantize!r}: choose None (no quantization) or 'int8' (int8 experts)")
+        raise ValueError(
+            f"unknown quantize={quantize!r}: choose None (no quantization) or 'int8' (int8 experts)"
+        )
 
 
 def _sizes(experts) -> SimpleNamespace:
@@ -85,9 +87,17 @@ class Int8Experts(nn.Module):
 
     def __init__(self, config: JambaConfig, device=None):
         super().__init__()
-        n, h, f = config.num_experts, config.hidden_size, config.intermediate_size  # only these three are read
-        self.gate_up_proj = nn.Parameter(torch.zeros(n, 2 * f, h, dtype=torch.int8, device=device), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.zeros(n, h, f, dtype=torch.int8, device=device), requires_grad=False)
+        n, h, f = (
+            config.num_experts,
+            config.hidden_size,
+            config.intermediate_size,
+        )  # only these three are read
+        self.gate_up_proj = nn.Parameter(
+            torch.zeros(n, 2 * f, h, dtype=torch.int8, device=device), requires_grad=False
+        )
+        self.down_proj = nn.Parameter(
+            torch.zeros(n, h, f, dtype=torch.int8, device=device), requires_grad=False
+        )
         self.register_buffer("gate_up_scale", torch.ones(n, 2 * f, device=device))  # (n, 2f) float32
         self.register_buffer("down_scale", torch.ones(n, h, device=device))  # (n, h) float32
 
@@ -109,10 +119,33 @@ class Int8Experts(nn.Module):
         for name, w in (("gate_up", gate_up), ("down", down)):
             target = getattr(self, f"{name}_proj")
             if tuple(w.shape) != tuple(target.shape[1:]):
-                raise ValueError(f"expert {i}: {name}_proj has shape {tuple(w.shape)}, expected {tuple(target.shape[1:])}")
+                raise ValueError(
+                    f"expert {i}: {name}_proj has shape {tuple(w.shape)}, expected {tuple(target.shape[1:])}"
+                )
             q, scale = quantize_rows(w.to(target.device))
             target[i].copy_(q)
             getattr(self, f"{name}_scale")[i].copy_(scale)
+
+    @torch.no_grad()
+    def load_rows_(self, name: str, index: tuple, w: torch.Tensor) -> None:
+        """Quantize float rows `w` into `self.<name>[index]` and their scales into the matching scale.
+
+        name: 'gate_up_proj' or 'down_proj'; index: () for all experts (w (n, o, i), quantized one
+        expert at a time), (j,) for expert j, or (j, rows) for some of its rows. Scales are per row,
+        so a checkpoint's gate and up halves (or any rows) quantize on their own, as they arrive."""
+        target, scale = getattr(self, name), getattr(self, name.replace("_proj", "_scale"))
+        if index == ():
+            for j in range(target.shape[0]):
+                self.load_rows_(name, (j,), w[j])
+            return
+        q, s = quantize_rows(w.to(target.device))
+        target[index] = q
+        scale[index] = s
+
+    def dequantized(self, name: str, index: tuple = (), dtype=torch.float32) -> torch.Tensor:
+        """The float weights of `self.<name>[index]` (for writing a float checkpoint)."""
+        scale = getattr(self, name.replace("_proj", "_scale"))
+        return (getattr(self, name)[index].to(torch.float32) * scale[index][..., None]).to(dtype)
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, out_std: float = 0.02) -> None:
@@ -132,19 +165,25 @@ class Int8Experts(nn.Module):
             out.down_proj.copy_(self.down_proj.float() * self.down_scale[..., None])
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
         """Accept a float checkpoint too: float gate_up_proj/down_proj without scales are quantized
         here, instead of being silently cast to int8 by `load_state_dict`."""
         for name in ("gate_up", "down"):
             key, scale_key = f"{prefix}{name}_proj", f"{prefix}{name}_scale"
             if key in state_dict and state_dict[key].is_floating_point() and scale_key not in state_dict:
                 state_dict[key], state_dict[scale_key] = quantize_rows(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
 
     # --- running ------------------------------------------------------------------------------
     def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Expert i on its tokens x (t_i, h) -> (t_i, h): cast-matmul-scale, twice."""
-        gate_up = F.linear(x, self.gate_up_proj[i].to(x.dtype)) * self.gate_up_scale[i].to(x.dtype)  # (t_i, 2f)
+        gate_up = F.linear(x, self.gate_up_proj[i].to(x.dtype)) * self.gate_up_scale[i].to(
+            x.dtype
+        )  # (t_i, 2f)
         gate, up = gate_up.chunk(2, dim=-1)  # (t_i, f) each
         return F.linear(F.silu(gate) * up, self.down_proj[i].to(x.dtype)) * self.down_scale[i].to(x.dtype)
 
@@ -160,7 +199,9 @@ class Int8Experts(nn.Module):
         xs = x[token]  # (t*K, h)
         if t == 0:
             return torch.zeros_like(x)
-        ys = torch.cat([self.expert(i, xi) for i, xi in enumerate(xs.split(sizes)) if xi.shape[0]])  # (t*K, h)
+        ys = torch.cat(
+            [self.expert(i, xi) for i, xi in enumerate(xs.split(sizes)) if xi.shape[0]]
+        )  # (t*K, h)
         ys = ys * weights.reshape(-1)[order, None]  # scale by the router weight
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # sum the K outputs per token
 

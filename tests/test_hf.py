@@ -372,8 +372,8 @@ def test_unexpected_and_misshapen_tensors_are_listed(tmp_path, checkpoint):
 
 def test_bad_arguments(checkpoint):
     folder, _, _ = checkpoint
-    with pytest.raises(ValueError, match=r"quantize='int8' is not supported: choose one of None"):
-        load_hf(folder, quantize="int8")
+    with pytest.raises(ValueError, match=r"quantize='int4' is not supported: choose one of None, 'int8'"):
+        load_hf(folder, quantize="int4")
     with pytest.raises(ValueError, match="dtype"):
         load_hf(folder, dtype=torch.int8)
     with torch.device("meta"):

@@ -19,7 +19,9 @@ JAMBA = JambaConfig.from_preset("jamba-v0.1")
 
 
 @settings(max_examples=25, deadline=None)
-@given(small_configs(), st.integers(1, 3), st.integers(1, 40), st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    small_configs(), st.integers(1, 3), st.integers(1, 40), st.sampled_from([torch.float32, torch.bfloat16])
+)
 def test_state_plan_equals_what_the_state_allocates(config, batch, capacity, dtype):
     expected = InferenceState(config, batch, capacity, dtype=dtype).nbytes()
     assert plan_nbytes(config, batch, capacity, dtype) == expected
@@ -31,7 +33,9 @@ def test_state_plan_equals_what_the_state_allocates(config, batch, capacity, dty
 def test_weight_plan_equals_the_built_model(quantize, dtype):
     model = build("tiny", dtype=dtype, quantize=quantize)
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()  # tied once
-    assert plan(model.config, 16, dtype=dtype, quantize=quantize).weights_total == sum(t.nbytes for t in tensors)
+    assert plan(model.config, 16, dtype=dtype, quantize=quantize).weights_total == sum(
+        t.nbytes for t in tensors
+    )
 
 
 def test_table_1_kv_cache_at_256k_tokens():
@@ -54,7 +58,10 @@ def test_jamba_int8_weights():
 
 
 def test_activations_follow_the_chunk_not_the_context():
-    short, long = plan(JAMBA, 32768, chunk=2048, quantize="int8"), plan(JAMBA, 1 << 20, chunk=2048, quantize="int8")
+    short, long = (
+        plan(JAMBA, 32768, chunk=2048, quantize="int8"),
+        plan(JAMBA, 1 << 20, chunk=2048, quantize="int8"),
+    )
     assert short.activations == long.activations
     assert plan(JAMBA, 1 << 20, chunk=1024, quantize="int8").activations_peak < long.activations_peak
     # with padding the masked attention path needs the (b, l, s) mask and scores: grows with the context
@@ -95,7 +102,9 @@ def test_plan_prints_every_part():
         assert word in text
 
 
-@pytest.mark.parametrize("bad", [dict(context=0), dict(context=10, batch=0), dict(context=10, chunk=0), dict(context=1.5)])
+@pytest.mark.parametrize(
+    "bad", [dict(context=0), dict(context=10, batch=0), dict(context=10, chunk=0), dict(context=1.5)]
+)
 def test_bad_plan_arguments(bad):
     with pytest.raises(ValueError, match="memory plan"):
         plan(JAMBA, **bad)

@@ -39,7 +39,10 @@ def test_chunked_prefill_equals_one_piece(config, seed, length, chunk, padded):
     the prompt and chunks longer than it; with and without left padding."""
     model = make_model(config, seed, torch.float32)
     if padded:
-        rows = [torch.randint(0, config.vocab_size, (n,), generator=gen(seed + n)) for n in (length, max(1, length // 2))]
+        rows = [
+            torch.randint(0, config.vocab_size, (n,), generator=gen(seed + n))
+            for n in (length, max(1, length // 2))
+        ]
         ids, mask = left_pad(rows)
     else:
         ids, mask = torch.randint(0, config.vocab_size, (2, length), generator=gen(seed)), None

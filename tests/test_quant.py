@@ -58,7 +58,11 @@ def test_int8_experts_equal_their_dequantized_float_twin(n, h4, f4, t, seed):
     twin = q.dequantize()
     K = min(2, n)
     x = torch.randn(t, config.hidden_size, generator=gen(seed))
-    idx = torch.stack([torch.randperm(n, generator=gen(seed + j))[:K] for j in range(t)]) if t else torch.zeros(0, K, dtype=torch.long)
+    idx = (
+        torch.stack([torch.randperm(n, generator=gen(seed + j))[:K] for j in range(t)])
+        if t
+        else torch.zeros(0, K, dtype=torch.long)
+    )
     weights = torch.rand(t, K, generator=gen(seed))
     expected = experts_loop(twin, x, weights, idx)
     assert_close(q(x, weights, idx), expected, 1e-5, "Int8Experts vs dequantized float experts")
@@ -132,7 +136,12 @@ def test_bad_quantize_mode_is_a_value_error():
         check_quantize("int4")
     with pytest.raises(ValueError, match="quantize"):
         build("tiny", quantize="fp8")
-    assert quantize_model_(build("tiny", dtype=torch.float32), None).layers[1].feed_forward.experts.gate_up_proj.dtype == torch.float32
+    assert (
+        quantize_model_(build("tiny", dtype=torch.float32), None)
+        .layers[1]
+        .feed_forward.experts.gate_up_proj.dtype
+        == torch.float32
+    )
 
 
 def test_set_expert_rejects_wrong_shapes():
