@@ -24,14 +24,17 @@ weight). Because the scale belongs to the output channel, it factors out of the 
 
 so an expert runs as an ordinary matmul against q cast to the activation dtype (exact: every int8
 value is a bf16 value) followed by one multiply of the output by s. Only the experts that received
-tokens are cast, one at a time, so the extra memory is one expert's weights in 16 bits.
+tokens are cast, one at a time, so the extra memory is one expert's weights in 16 bits. On a GPU the
+same grouped matmul runs as one Triton kernel that reads each int8 weight once and dequantizes it in
+registers (`minijamba.quant_triton`, chosen by `int8_kernel`): a decoding step then reads the chosen
+experts' bytes once instead of moving five bytes per weight.
 
 torchao (pytorch/ao) was considered first, as the issue asks: its `Int8WeightOnlyConfig` stores a
 weight as an `Int8Tensor` subclass whose linear is the same cast-matmul-scale as here (it relies on
 torch.compile to fuse the cast), handles 3D expert weights only by selecting one expert at a time,
 and has no grouped matmul for int8 weights; it also ships compiled extensions tied to one torch
 version. It would add a dependency without doing anything more, so the reference is this plain
-PyTorch module. A faster kernel, where one exists, plugs in at `Int8Experts.forward` only.
+PyTorch module, and the faster kernel plugs in at one place, `grouped_int8_linear`.
 
 `Int8Experts` has the same forward signature and the same `expert(i, x)` as `minijamba.moe.Experts`,
 so `SparseMoE.experts` simply *is* an `Int8Experts` in a quantized model: the MoE code has no branch.
@@ -39,6 +42,8 @@ so `SparseMoE.experts` simply *is* an `Int8Experts` in a quantized model: the Mo
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from types import SimpleNamespace
 
 import torch
@@ -49,6 +54,7 @@ from minijamba.config import JambaConfig
 from minijamba.moe import Experts, SparseMoE
 
 QUANTIZE_MODES = (None, "int8")
+KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference' or 'triton' (see int8_kernel)
 
 
 def check_quantize(quantize) -> None:
@@ -188,22 +194,53 @@ class Int8Experts(nn.Module):
         return F.linear(F.silu(gate) * up, self.down_proj[i].to(x.dtype)) * self.down_scale[i].to(x.dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x (t, h), weights and experts (t, K) -> (t, h). Tokens sorted by expert as in `Experts`;
-        each expert that received tokens runs once on its contiguous slice."""
+        """x (t, h), weights and experts (t, K) -> (t, h). Tokens sorted by expert as in `Experts`,
+        then one grouped int8 matmul per projection (`grouped_int8_linear`)."""
         t, K = experts.shape
         n = self.gate_up_proj.shape[0]
         flat = experts.reshape(-1)  # (t*K,) expert of each assignment
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         token = order // K  # the token of each sorted assignment   (t*K,)
-        sizes = torch.bincount(flat, minlength=n).tolist()  # tokens per expert (one host sync)
-        xs = x[token]  # (t*K, h)
-        if t == 0:
-            return torch.zeros_like(x)
-        ys = torch.cat(
-            [self.expert(i, xi) for i, xi in enumerate(xs.split(sizes)) if xi.shape[0]]
-        )  # (t*K, h)
+        ends = torch.bincount(flat, minlength=n).cumsum(0)  # end of each expert's rows   (n,)
+        xs = x[token]  # (t*K, h), expert 0's tokens first, then expert 1's, ...
+        gate, up = grouped_int8_linear(xs, self.gate_up_proj, self.gate_up_scale, ends).chunk(2, dim=-1)
+        ys = grouped_int8_linear(F.silu(gate) * up, self.down_proj, self.down_scale, ends)  # (t*K, h)
         ys = ys * weights.reshape(-1)[order, None]  # scale by the router weight
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # sum the K outputs per token
+
+
+def grouped_int8_linear_reference(x, q, scale, ends) -> torch.Tensor:
+    """Rows x[ends[e-1]:ends[e]] times (scale[e] * q[e])ᵀ for every expert e. x (T, I); q (n, O, I)
+    int8; scale (n, O); ends (n,) -> (T, O). Each expert that has rows is cast to x's dtype (in
+    memory, one at a time) and runs one matmul; its output is scaled per channel."""
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # rows per expert (a host sync)
+    out = [
+        F.linear(xi, q[e].to(x.dtype)) * scale[e].to(x.dtype)
+        for e, xi in enumerate(x.split(sizes))
+        if len(xi)
+    ]
+    return torch.cat(out) if out else x.new_zeros(0, q.shape[1])
+
+
+def int8_kernel(x: torch.Tensor) -> str:
+    """Which grouped int8 matmul runs on x: $MINIJAMBA_INT8_KERNEL ('reference' or 'triton') if set,
+    else 'triton' for CUDA tensors when Triton is installed, else 'reference'."""
+    name = os.environ.get(KERNEL_ENV)
+    if name is None:
+        return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "reference"
+    if name not in ("reference", "triton"):
+        raise ValueError(f"${KERNEL_ENV}={name!r}: choose 'reference' or 'triton'")
+    return name
+
+
+def grouped_int8_linear(x, q, scale, ends) -> torch.Tensor:
+    """The one dispatch point for the experts' int8 matmul (see `int8_kernel`); both twins have
+    this signature and the tests hold them equal."""
+    if int8_kernel(x) == "triton":
+        from minijamba.quant_triton import grouped_int8_linear as fast  # lazily: optional package
+
+        return fast(x, q, scale, ends)
+    return grouped_int8_linear_reference(x, q, scale, ends)
 
 
 @torch.no_grad()

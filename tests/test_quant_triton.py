@@ -1,0 +1,83 @@
+"""The Triton grouped int8 matmul (minijamba.quant_triton) computes what the reference computes.
+
+On a CPU-only machine (CI) the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set below
+before the kernel is defined), in float32 and float16: the interpreter's bfloat16 tl.dot is wrong
+even for a plain 16x16 product, so bfloat16 is checked on a GPU only. Sizes are tiny and include
+experts with no rows, row counts that straddle the row blocks, and both launch shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:  # must precede the first import of minijamba.quant_triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from helpers import assert_close, gen, seeds  # noqa: E402
+from minijamba import JambaConfig  # noqa: E402
+from minijamba.materialize import build  # noqa: E402
+from minijamba.quant import KERNEL_ENV, grouped_int8_linear_reference, int8_kernel, quantize_rows  # noqa: E402
+
+triton_kernel = pytest.importorskip("minijamba.quant_triton")
+DEVICE = "cuda" if GPU else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+# float32 accumulates in float32 on both sides (the kernel with IEEE products); 16-bit outputs are
+# rounded to 16 bits after a float32 sum in the kernel and after a 16-bit matmul in the reference.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=5),  # rows per expert, zeros included
+    st.integers(1, 70),  # O
+    st.integers(1, 40),  # I
+    st.sampled_from(DTYPES),
+    st.sampled_from(["small", "large"]),
+    seeds,
+)
+def test_kernel_equals_reference(counts, O, I, dtype, shape, seed):
+    n = len(counts)
+    q, scale = quantize_rows(torch.randn(n, O, I, generator=gen(seed)))
+    ends = torch.tensor(counts).cumsum(0)
+    x = torch.randn(sum(counts), I, generator=gen(seed + 1)).to(dtype)
+    q, scale, ends, x = q.to(DEVICE), scale.to(DEVICE), ends.to(DEVICE), x.to(DEVICE)
+    saved = triton_kernel.SMALL_ROWS
+    triton_kernel.SMALL_ROWS = 10**9 if shape == "small" else 0
+    try:
+        got = triton_kernel.grouped_int8_linear(x, q, scale, ends)
+    finally:
+        triton_kernel.SMALL_ROWS = saved
+    expected = grouped_int8_linear_reference(x.float(), q, scale, ends)  # float32 truth
+    assert got.dtype == dtype and got.shape == (sum(counts), O)
+    assert_close(got, expected, TOL[dtype], f"{shape} launch, {dtype}")
+
+
+def test_int8_experts_model_runs_the_same_with_either_kernel(monkeypatch):
+    model = build(JambaConfig.from_preset("tiny", hidden_size=64, intermediate_size=64), device=DEVICE,
+                  dtype=torch.float32, quantize="int8")  # fmt: skip
+    ids = torch.randint(0, 4096, (2, 9), generator=gen(0)).to(DEVICE)
+    monkeypatch.setenv(KERNEL_ENV, "reference")
+    with torch.no_grad():
+        expected = model(ids)
+    monkeypatch.setenv(KERNEL_ENV, "triton")
+    with torch.no_grad():
+        got = model(ids)
+    assert_close(got, expected, 1e-4, "model logits, triton vs reference int8 kernel")
+
+
+def test_kernel_choice(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert int8_kernel(x) == "reference"  # CPU tensors: the reference unless asked
+    monkeypatch.setenv(KERNEL_ENV, "triton")
+    assert int8_kernel(x) == "triton"
+    monkeypatch.setenv(KERNEL_ENV, "cutlass")
+    with pytest.raises(ValueError, match="reference"):
+        int8_kernel(x)
