@@ -135,44 +135,45 @@ def cache_keys(jitfn):
         return set()
 
 
+FWD_TILES = [(8, 8, 4, 4, 4), (16, 8, 2, 4, 4), (32, 8, 2, 4, 8), (16, 8, 4, 4, 8), (4, 8, 8, 4, 4), (8, 8, 2, 8, 4)]
+BWD_TILES = [(8, 8, 4, 4, 4), (16, 8, 2, 4, 4), (4, 8, 4, 8, 4), (8, 8, 2, 8, 4), (8, 4, 4, 4, 4), (16, 4, 2, 4, 4)]
+
+
+def tile(bd, ti, tl_, nl, w):
+    return dict(BD=bd, TI=ti, TL=tl_, NL=nl, num_warps=w)
+
+
 def sweep(b, d, n, l, log):
-    """Try launch shapes at one length; set triton_scan.CONFIG to the fastest."""
+    """Try launch shapes (BD, TI, TL, NL, warps) at one length; set triton_scan.CONFIG to the fastest."""
     x = make_inputs(b, d, n, l)
     gy = torch.randn(b, d, l, device="cuda").to(DTYPE)
     xs = {k: v.detach().requires_grad_() for k, v in x.items()}
-    results = {}
-    for T in (16, 32, 64):
-        for role, cands in (("fwd", [(8, 4), (16, 4), (16, 8), (32, 8)]), ("bwd", [(8, 4), (16, 4), (16, 8), (32, 8)])):
-            for bd, w in cands:
-                if bd * T * 16 > 16384:  # tiles beyond this spill for sure
-                    continue
-                triton_scan.CONFIG.update(fwd=(bd, T, w), fwd_train=(16, T, 8) if role == "bwd" else (bd, T, w),
-                                          bwd=(bd, T, w) if role == "bwd" else (16, T, 8))  # fmt: skip
-                jit = triton_scan._fwd_kernel if role == "fwd" else triton_scan._bwd_kernel
-                before = cache_keys(jit)
-                try:
-                    if role == "fwd":
-                        with torch.no_grad():
-                            ms = timed(lambda: call("triton", x), 100)
-                    else:
-                        y = call("triton", xs)
-                        ms = timed(lambda: torch.autograd.grad(y, [xs[k] for k in GRAD_ARGS], gy, retain_graph=True), 100)
-                except Exception as e:
-                    log(f"  sweep {role} T={T} BLOCK_D={bd} warps={w}: failed {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                results[(role, bd, T, w)] = ms
-                log(f"  sweep {role:3} T={T:<3} BLOCK_D={bd:<3} warps={w}: {ms:8.3f} ms  regs/spills {kernel_report(jit, before)}")
-    best_fwd = min((k for k in results if k[0] == "fwd"), key=results.get)
-    # Training: the forward that saves states and the backward share T; pick the T whose pair is fastest.
-    best_pair = None
-    for T in (16, 32, 64):
-        f = [k for k in results if k[0] == "fwd" and k[2] == T]
-        g = [k for k in results if k[0] == "bwd" and k[2] == T]
-        if f and g:
-            ff, gg = min(f, key=results.get), min(g, key=results.get)
-            if best_pair is None or results[ff] + results[gg] < sum(results[k] for k in best_pair):
-                best_pair = (ff, gg)
-    triton_scan.CONFIG.update(fwd=best_fwd[1:], fwd_train=best_pair[0][1:], bwd=best_pair[1][1:])
+    fwd, bwd = {}, {}
+    for cand in FWD_TILES:
+        triton_scan.CONFIG["fwd"] = tile(*cand)
+        before = cache_keys(triton_scan._fwd_kernel)
+        try:
+            with torch.no_grad():
+                fwd[cand] = timed(lambda: call("triton", x), 100)
+        except Exception as e:
+            log(f"  sweep fwd {cand}: failed {type(e).__name__}: {str(e)[:200]}")
+            continue
+        log(f"  sweep fwd (BD, TI, TL, NL, warps)={cand}: {fwd[cand]:8.3f} ms  regs/spills {kernel_report(triton_scan._fwd_kernel, before)}")
+    for cand in BWD_TILES:
+        triton_scan.CONFIG["fwd_train"] = triton_scan.CONFIG["bwd"] = tile(*cand)
+        before = cache_keys(triton_scan._bwd_kernel)
+        try:
+            y = call("triton", xs)
+            bwd[cand] = timed(lambda: torch.autograd.grad(y, [xs[k] for k in GRAD_ARGS], gy, retain_graph=True), 100)
+        except Exception as e:
+            log(f"  sweep bwd {cand}: failed {type(e).__name__}: {str(e)[:200]}")
+            continue
+        log(f"  sweep bwd (BD, TI, TL, NL, warps)={cand}: {bwd[cand]:8.3f} ms  regs/spills {kernel_report(triton_scan._bwd_kernel, before)}")
+    best_f, best_b = min(fwd, key=fwd.get), min(bwd, key=bwd.get)
+    # The forward before a backward must chunk like the backward: the fastest forward with that chunk.
+    same_t = [c for c in fwd if c[1] * c[2] == best_b[1] * best_b[2]]
+    best_ft = min(same_t, key=fwd.get) if same_t else best_b
+    triton_scan.CONFIG.update(fwd=tile(*best_f), fwd_train=tile(*best_ft), bwd=tile(*best_b))
     log(f"  sweep chose CONFIG = {triton_scan.CONFIG}")
     del x, xs, gy
     torch.cuda.empty_cache()

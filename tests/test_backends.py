@@ -50,7 +50,10 @@ def _small_launches_in_the_interpreter():
     if not triton_scan._interpreting():
         pytest.skip("triton_scan was imported before TRITON_INTERPRET=1 was set in this process")
     saved = dict(triton_scan.CONFIG)
-    triton_scan.CONFIG.update(fwd=(4, 16, 1), fwd_train=(4, 8, 1), bwd=(4, 8, 1), step=(4, 1))
+    small = dict(BD=2, TI=2, TL=2, NL=2, num_warps=1)  # chunks of 4 steps, 2 channels a program
+    triton_scan.CONFIG.update(
+        fwd=dict(small, TL=4), fwd_train=small, bwd=small, step=dict(BD=4, num_warps=1)
+    )
     yield
     triton_scan.CONFIG.update(saved)
 

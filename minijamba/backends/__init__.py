@@ -25,6 +25,8 @@ import importlib.util
 import os
 from typing import Callable, NamedTuple
 
+import torch
+
 ENV_VAR = "MINIJAMBA_SCAN_BACKEND"
 
 # What --fast prefers, best first (bench/RESULTS.md has the measurements behind the order).
@@ -71,8 +73,6 @@ def names() -> list[str]:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -125,6 +125,12 @@ def get(name: str | None = None) -> Backend:
 
     'fast' means `best_available()`. An unknown name or one this machine cannot run is a ValueError
     that says why and how to install it."""
+    return _CACHE[_load(name or "")]
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs this once while tracing: no graph break
+def _load(name: str) -> str:
+    """Resolve `name` (env var, 'fast'), check it can run here, import it once; return its name."""
     name = name or os.environ.get(ENV_VAR) or "reference"
     if name == "fast":
         name = best_available()
@@ -138,4 +144,4 @@ def get(name: str | None = None) -> Backend:
                 f"or choose one of: {', '.join(available())}"
             )
         _CACHE[name] = _LOADERS[name]()
-    return _CACHE[name]
+    return name
