@@ -140,15 +140,17 @@ def test_left_padding_equals_each_row_alone(mm, lengths, seed):
 @settings(max_examples=15, deadline=None)
 @given(mixers(dtype=torch.float32), st.integers(1, 2), st.integers(2, 10), seeds)
 def test_autocast_bf16_keeps_fp32_state_and_parameters(mm, b, l, seed):
-    """Under bf16 autocast the SSM state, A_log, D and the Δ bias stay fp32, and the output is the
-    fp32 output to bf16 precision."""
+    """Under bf16 autocast the SSM state, A_log, D and the Δ bias stay fp32, prefill + a decoding
+    step give the autocast full forward, and the output stays near the fp32 output."""
     mixer, config, dtype = mm
     x = rand_x(b, l, config.hidden_size, seed, dtype)
     with torch.no_grad():
         ref = mixer(x)
         state = new_state(mixer, b, torch.float32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = mixer(x)
             y = torch.cat([mixer(x[:, :-1], state), mixer(x[:, -1:], state)], 1)
     assert state.ssm.dtype == torch.float32
     assert {mixer.A_log.dtype, mixer.D.dtype, mixer.dt_proj.bias.dtype} == {torch.float32}
-    assert_close(y.float(), ref, 5e-2, "autocast output")
+    assert_close(y, full, 2**-7, "decoding vs full forward, both under autocast")
+    assert_close(y.float(), ref, 0.15, "autocast vs fp32")  # bf16 matmuls: p99 ~0.02, worst seen 0.06

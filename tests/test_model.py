@@ -158,16 +158,20 @@ def test_inference_state_layout_and_nbytes(config, b, capacity, dtype):
 @settings(max_examples=10, deadline=None)
 @given(small_configs(), seeds)
 def test_autocast_bf16_forward_and_decoding(config, seed):
-    """Under bf16 autocast the logits stay close to fp32 and the SSM state stays fp32."""
+    """Under bf16 autocast, prefill + decoding through a (fp32) InferenceState gives the autocast full
+    forward's logits, the SSM state stays fp32, and the logits stay near the fp32 ones."""
     model = make_model(config, seed, torch.float32)
     ids = ids_for(config, 2, 6, seed)
     with torch.no_grad():
         ref = model(ids)
         state = model.new_state(2, 6)
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(ids)
             y = torch.cat([model(ids[:, :5], state=state), model(ids[:, 5:], state=state)], 1)
     assert all(layer.ssm.dtype == torch.float32 for layer in state.layers if isinstance(layer, MambaState))
-    assert_close(y.float(), ref, 0.1, "logits under autocast")
+    assert_close(y, full, 2**-7, "decoding vs full forward, both under autocast")
+    # Several layers of bf16 matmuls with large random weights: a loose bound (p99 seen ~0.02).
+    assert_close(y.float(), ref, 0.25, "logits under autocast vs fp32")
 
 
 def test_bad_inputs_raise():

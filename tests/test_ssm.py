@@ -213,10 +213,18 @@ def test_bf16_inputs_keep_fp32_state(case, parallel):
     y32, h32 = run(fn, a32, case)
     assert_close(h16, h32, RTOL[torch.float32], "state vs fp32 on the same values")
     assert_close(y16, y32, 2**-8, "y vs fp32 on the same values (one bf16 rounding)")
-    # And against the unrounded fp32 inputs: within bf16 tolerance.
-    yf, hf = run(fn, make_inputs(case, dtype=torch.float32), case)
-    assert_close(y16, yf, RTOL[torch.bfloat16] * 3, "y vs fp32 inputs")
-    assert_close(h16, hf, RTOL[torch.bfloat16] * 3, "state vs fp32 inputs")
+    # And against the unrounded fp32 inputs: rounding each input to bf16 perturbs every term of the
+    # sums y_t = sum_s C_t exp(..) Δ_s B_s u_s by a few bf16 ulps; where the terms cancel, that is
+    # large next to y itself, so the bound is relative to the sum of the terms' magnitudes (the
+    # same scan on |u|, |B|, |C|, |D|, |h_0|: every term positive, nothing cancels).
+    af = make_inputs(case, dtype=torch.float32)
+    yf, hf = run(fn, af, case)
+    mag = {k: None if af[k] is None else af[k].abs() for k in ("u", "B", "C", "D", "initial_state")}
+    y_mag, h_mag = run(fn, {**af, **mag, "z": None}, case)
+    gate = 1.0 if af["z"] is None else F.silu(af["z"]).abs().max().item()
+    for name, got, want, bound in (("y", y16, yf, y_mag.max().item() * gate), ("state", h16, hf, h_mag.max().item())):
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= 16 * 2**-8 * bound + 1e-6, f"{name} vs fp32 inputs: {err:.3g} > 16 bf16 ulps of {bound:.3g}"
 
     # The decoding step keeps the fp32 state too.
     state = torch.zeros(case["b"], case["d"], case["n"])
