@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -43,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minijamba import JambaConfig  # noqa: E402
 from minijamba.generation import prefill  # noqa: E402
 from minijamba.materialize import build  # noqa: E402
-from minijamba.memory_plan import GiB, available_bytes, largest_context, plan, with_context  # noqa: E402
+from minijamba.memory_plan import GiB, available_bytes, largest_context, plan  # noqa: E402
+from minijamba.quant import KERNEL_ENV, int8_kernel  # noqa: E402
 
 DEFAULT_CONTEXTS = {
     "longest": [131072, 262144, 524288, 1048576],
@@ -192,6 +194,13 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--scan-backend", default=None, help="scan backend (default: $MINIJAMBA_SCAN_BACKEND or reference)"
     )
+    parser.add_argument(
+        "--int8-kernels",
+        nargs="+",
+        default=None,
+        choices=["triton", "reference"],
+        help="grouped int8 matmul(s) to time, each on the same model and contexts (default: the automatic choice)",
+    )
     parser.add_argument("--reserve-gib", type=float, default=1.0, help="GPU memory kept free beyond the plan")
     parser.add_argument(
         "--budget-gib",
@@ -245,10 +254,15 @@ def main(argv=None) -> None:
         bound = decode_bound(model, device)
         report({"layout": layout, "build_s": seconds, **bound, **peak(device)}, args.out)
         for measure in todo:
-            for context in sorted(contexts[measure]):
+            for context, kernel in [
+                (c, k) for c in sorted(contexts[measure]) for k in args.int8_kernels or [None]
+            ]:
+                if kernel is not None:
+                    os.environ[KERNEL_ENV] = kernel
                 tokens = args.decode_tokens if measure in ("decode", "layouts", "longest") else 0
                 row = run_context(model, context, args, device, reserve, tokens)
                 row["measure"] = measure
+                row["int8_kernel"] = int8_kernel(model.embed_tokens.weight) if args.quantize else None
                 if "decode_tok_s" in row and "copy_bandwidth_gbs" in bound:
                     kv = row["plan_state_gib"] * GiB / 1e9  # the whole cache is read each step (upper end)
                     row["decode_bound_tok_s"] = bound["copy_bandwidth_gbs"] / (

@@ -34,7 +34,7 @@ import triton.language as tl
 # (BLOCK_T, BLOCK_O, BLOCK_I, num_warps) for few rows per expert (decoding) and for many (prefill).
 # tl.dot needs at least 16 rows: a decoding step wastes the masked ones, but it is bound by the
 # weight bytes anyway.
-CONFIG = {"small": (16, 64, 128, 4), "large": (64, 128, 64, 4)}
+CONFIG = {"small": (16, 32, 128, 4), "large": (64, 128, 64, 4)}
 SMALL_ROWS = 64  # at most this many rows per expert on average: the "small" shape
 
 
