@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from minijamba.config import JambaConfig
 
@@ -72,9 +71,16 @@ class Attention(nn.Module):
             k, v = cache.k[:, :, :end].to(q.dtype), cache.v[:, :, :end].to(q.dtype)
         if state is not None and not state.padded:
             # No padding anywhere: query i (position start + i) sees keys [0, start + i], a causal mask
-            # aligned to the bottom right. Given as such, SDPA can run flash attention: no (b, l, s)
-            # mask and no scores in memory, whatever the context. Same result as the masked path.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(l, end), enable_gqa=True)
+            # aligned to the bottom right. Said so, SDPA can run flash attention: no (b, l, s) mask and
+            # no scores in memory, whatever the context. Same result as the masked path below.
+            if start == 0:  # the first call: plain causal
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            elif l == 1:  # a decoding step: the one new query sees every key
+                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            else:  # a later prefill chunk; imported here because it imports torch._dynamo (slow)
+                from torch.nn.attention.bias import causal_lower_right
+
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(l, end), enable_gqa=True)
         else:
             valid = mask if state is None else state.valid[:, :end]  # (b, s) real tokens
             pos_q = torch.arange(start, end, device=x.device)[:, None]  # (l, 1)

@@ -61,7 +61,9 @@ def _grouped_int8_kernel(
         rmask, cmask = rows < count, cols < O
         x_rows = x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xt
         q_rows = q_ptr + e.to(tl.int64) * stride_qe + cols.to(tl.int64)[:, None] * stride_qo
-        acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+        # tl.full is a builtin; tl.zeros is a @jit helper, which the interpreter cannot call when
+        # triton.language was imported before TRITON_INTERPRET=1 was set (torch._dynamo imports it)
+        acc = tl.full((BLOCK_T, BLOCK_O), 0.0, tl.float32)
         for i0 in range(0, I, BLOCK_I):
             ks = i0 + tl.arange(0, BLOCK_I)
             kmask = ks < I
