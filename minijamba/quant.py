@@ -93,17 +93,10 @@ class Int8Experts(nn.Module):
 
     def __init__(self, config: JambaConfig, device=None):
         super().__init__()
-        n, h, f = (
-            config.num_experts,
-            config.hidden_size,
-            config.intermediate_size,
-        )  # only these three are read
-        self.gate_up_proj = nn.Parameter(
-            torch.zeros(n, 2 * f, h, dtype=torch.int8, device=device), requires_grad=False
-        )
-        self.down_proj = nn.Parameter(
-            torch.zeros(n, h, f, dtype=torch.int8, device=device), requires_grad=False
-        )
+        n, h, f = config.num_experts, config.hidden_size, config.intermediate_size  # all it reads
+        int8 = dict(dtype=torch.int8, device=device)
+        self.gate_up_proj = nn.Parameter(torch.zeros(n, 2 * f, h, **int8), requires_grad=False)  # (n, 2f, h)
+        self.down_proj = nn.Parameter(torch.zeros(n, h, f, **int8), requires_grad=False)  # (n, h, f)
         self.register_buffer("gate_up_scale", torch.ones(n, 2 * f, device=device))  # (n, 2f) float32
         self.register_buffer("down_scale", torch.ones(n, h, device=device))  # (n, h) float32
 
