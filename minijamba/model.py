@@ -147,7 +147,10 @@ class Jamba(nn.Module):
         if state is not None:
             if state.batch_size != b:
                 raise ValueError(f"the inference state is for batch {state.batch_size}, input_ids has {b}")
-            state.advance(mask if mask is not None else torch.ones(b, l, dtype=torch.bool, device=input_ids.device))
+            if mask is None:  # all real tokens: no need to look (no host sync while decoding)
+                state.advance(torch.ones(b, l, dtype=torch.bool, device=input_ids.device), padding=False)
+            else:
+                state.advance(mask)
         x = self.embed_tokens(input_ids)  # (b, l, h)
         aux = []
         for layer in self.layers:

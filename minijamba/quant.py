@@ -194,7 +194,8 @@ class Int8Experts(nn.Module):
         flat = experts.reshape(-1)  # (t*K,) expert of each assignment
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         token = order // K  # the token of each sorted assignment   (t*K,)
-        ends = torch.bincount(flat, minlength=n).cumsum(0)  # end of each expert's rows   (n,)
+        counts = torch.zeros(n, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        ends = counts.cumsum(0)  # end of each expert's rows (n,); no host sync, unlike bincount on CUDA
         xs = x[token]  # (t*K, h), expert 0's tokens first, then expert 1's, ...
         gate, up = grouped_int8_linear(xs, self.gate_up_proj, self.gate_up_scale, ends).chunk(2, dim=-1)
         ys = grouped_int8_linear(F.silu(gate) * up, self.down_proj, self.down_scale, ends)  # (t*K, h)

@@ -111,8 +111,10 @@ class InferenceState:
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
-    def advance(self, mask: torch.Tensor) -> None:
-        """Mark the next mask.shape[1] positions as seen; mask (b, l) is False at padding."""
+    def advance(self, mask: torch.Tensor, padding: bool | None = None) -> None:
+        """Mark the next mask.shape[1] positions as seen; mask (b, l) is False at padding.
+        padding: whether mask has any False, when the caller knows (None: read it from the mask,
+        which waits for the device)."""
         l = mask.shape[1]
         if self.length + l > self.capacity:
             raise ValueError(
@@ -121,7 +123,7 @@ class InferenceState:
             )
         self.valid[:, self.length : self.length + l] = mask
         self.length += l
-        if not self.padded and not bool(mask.all()):
+        if not self.padded and (padding if padding is not None else not bool(mask.all())):
             self.padded = True
 
     def nbytes(self) -> dict[str, int]:
