@@ -1,0 +1,34 @@
+"""bench/gpu_full_scale.py runs end to end on the CPU (--smoke: a toy model, every measurement), so
+that the script the GPU time is spent on cannot rot. Only statuses and the plan are checked here:
+timings belong in bench/RESULTS.md, not in tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_full_scale.py"
+
+
+def test_gpu_full_scale_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_full_scale", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results.jsonl"
+    bench.main(["--smoke", "--decode-tokens", "2", "--contexts", "20", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["quantize"] == "int8" and "command" in rows[0]
+    runs = [r for r in rows if "context" in r]
+    measures = {(r["layout"], r["measure"]) for r in runs}
+    assert measures == {
+        ("hybrid", "prefill"), ("hybrid", "decode"), ("hybrid", "longest"), ("hybrid", "layouts"),
+        ("attention", "layouts"),
+    }  # fmt: skip
+    for r in runs:
+        if r["context"] == 1_000_000:  # beyond the smoke budget: refused by the plan, not run
+            assert r["status"] == "refused by the plan" and 20 < r["plan_largest_context"] < 1_000_000
+        else:
+            assert r["status"] == "ok" and r["prefill_s"] > 0 and r["plan_total_gib"] > r["plan_weights_gib"]
+            assert ("decode_tok_s" in r) == (r["measure"] != "prefill")
+    assert "RESULT" in capsys.readouterr().out
