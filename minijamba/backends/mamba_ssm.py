@@ -13,6 +13,10 @@ What the adapter does, and where mamba-ssm differs from the reference:
   (checking costs one device-to-host sync). Any other initial state is honestly not mamba-ssm's
   to compute: that call goes to our Triton scan when it can run here, else to the reference.
   In the model this happens only when a prompt continues an earlier one (chunked prefill).
+- the last state: mamba-ssm's backward ignores any gradient reaching it, so we return it detached
+  (an honest graph: no gradient path instead of a silently wrong one). The model only copies it
+  into the inference state, which needs no gradient; initial and last states that must carry
+  gradients (truncated backpropagation through time) need the triton or reference backend.
 - mamba-ssm's functions are opaque to torch.compile (graph breaks); use the triton backend there.
 
 The kernels are imported on first use, never at module import.
@@ -85,7 +89,7 @@ def selective_scan(
     )  # fmt: skip
     if return_last_state:
         out, last = result
-        return out, last.float()
+        return out, last.detach().float()  # no gradient flows back through it (module docstring)
     return result
 
 

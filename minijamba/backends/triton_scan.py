@@ -29,8 +29,8 @@ rest of BD on the warps, and TI x NQ values in each thread. Then:
   - y_t = C_t · h_t sums NQ states inside the thread and NL across lanes: few shuffles.
 
 (A tile shaped (BD, n, T) instead puts the 32 lanes on T: every step of the scan then crosses
-lanes, about 5 shuffles per element instead of well under one, and the kernel runs several times
-slower.)
+lanes, and the compiled forward spends about 17 shuffles and 60 instructions per element instead of
+2 and 25; see bench/RESULTS.md.)
 
 The backward pass walks the chunks in reverse. For each chunk it recomputes h from the state the
 forward pass saved at the chunk's start (one (BD, n) tile per chunk, far less than the (b, l, d, n)
@@ -61,12 +61,12 @@ LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x log2 e): exp2 is the 
 # Launch shapes: the tile (BD, TI, TL, NL) and the warps of each kernel. "fwd" is the forward
 # without gradients; "fwd_train" the forward before a backward pass (it saves one state per chunk,
 # so its chunk TI * TL must equal "bwd"'s); "step" the decoding step. BD should be
-# (32 / (TL * NL)) * num_warps so that the lanes and warps fill exactly. Chosen on an H100 by
-# bench/gpu_scan.py --sweep.
+# (32 / (TL * NL)) * num_warps so that the lanes and warps fill exactly. These are the fastest of
+# bench/gpu_scan.py --sweep on an H100 at b=1, d=4096, n=16, l=8K (bench/RESULTS.md).
 CONFIG = {
     "fwd": dict(BD=8, TI=8, TL=4, NL=4, num_warps=4),
-    "fwd_train": dict(BD=8, TI=8, TL=4, NL=4, num_warps=4),
-    "bwd": dict(BD=8, TI=8, TL=4, NL=4, num_warps=4),
+    "fwd_train": dict(BD=16, TI=8, TL=2, NL=4, num_warps=4),
+    "bwd": dict(BD=4, TI=4, TL=4, NL=8, num_warps=1),
     "step": dict(BD=64, num_warps=4),
 }
 
