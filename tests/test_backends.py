@@ -229,6 +229,9 @@ def test_reference_is_always_available_and_fast_picks_an_available_one():
     if not GPU:
         assert best == "reference"  # the interpreter is for tests, never for speed
     assert backends.get("fast").name == best
+    assert backends.best_available(compile=True) in backends.available()
+    if GPU and "triton" in FAST:
+        assert backends.best_available(compile=True) == "triton"  # torch.compile sees through it
 
 
 def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):

@@ -110,13 +110,16 @@ def available() -> list[str]:
     return [name for name in _LOADERS if why_unavailable(name) is None]
 
 
-def best_available() -> str:
+def best_available(compile: bool = False) -> str:
     """What `--fast` picks here: the fastest backend that runs on this GPU, else 'reference'.
 
-    Triton's CPU interpreter does not count: it is for tests, far slower than the reference."""
+    compile=True: the model will run under torch.compile, which cannot see inside mamba-ssm's
+    kernels (a graph break at every Mamba layer), so prefer triton. Triton's CPU interpreter does
+    not count: it is for tests, far slower than the reference."""
     if not _cuda():
         return "reference"
-    for name in FAST_ORDER:
+    order = ("triton", "mamba_ssm") if compile else FAST_ORDER
+    for name in order:
         if why_unavailable(name) is None:
             return name
     return "reference"
