@@ -23,6 +23,7 @@ def main(argv=None) -> None:
         hint = "" if reason is None else f"\n{'':14}install: {backends.INSTALL_HINT[name]}"
         print(f"  {name:<11} {status}{hint}")
     print(f"--fast picks: {backends.best_available()}")
+    print(f"--fast under torch.compile picks: {backends.best_available(compile=True)}")
 
 
 if __name__ == "__main__":
