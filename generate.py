@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Sample from a Jamba: a train_tiny.py output folder, or a transformers Jamba checkpoint folder.
+
+    python generate.py --prompt "def "                       # the model train_tiny.py wrote to out/tiny
+    echo "import os" | python generate.py --num-samples 3     # prompt from stdin
+    python generate.py --hf path/to/jamba --prompt "Hello"    # transformers' files + tokenizer.json
+
+Tokens are printed as they are produced. At the end (on stderr): tokens per second and the size
+of the inference state, split into the attention layers' KV cache and the Mamba layers' state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        prog="generate.py",
+        description="Sample text from a Jamba model, streaming the tokens as they are produced.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--out-dir", metavar="DIR", help="a train_tiny.py output folder (default out/tiny)")
+    src.add_argument(
+        "--hf",
+        metavar="PATH",
+        help="a transformers Jamba checkpoint folder (config.json, safetensors, tokenizer.json)",
+    )
+    p.add_argument("--prompt", help="the text to continue (default: read from stdin)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        metavar="N",
+        help="tokens to generate per sample (default 200)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="sample only among the K most likely tokens (default: all)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        metavar="P",
+        help="nucleus sampling: the smallest set of tokens with probability >= P (default 0.95)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampler: same seed, same samples (default 0)"
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="samples to draw from the prompt, one after the other (default 1)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: cuda if available)"
+    )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="use the fastest selective-scan backend available here, else the reference",
+    )
+    return p
+
+
+def _check_args(p: Parser, a: argparse.Namespace) -> None:
+    if a.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if a.top_k is not None and a.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {a.top_k}")
+    if not 0 < a.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.num_samples < 1:
+        p.error(f"--num-samples must be >= 1, got {a.num_samples}")
+
+
+def load(args, device, backend):
+    """(model, tokenizer) from --out-dir or --hf, on `device`, fp32 on the CPU and bf16 on a GPU."""
+    import torch
+
+    from minijamba import checkpoint
+    from minijamba import tokenizer as tk
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.hf is None:
+        return checkpoint.load_model(
+            args.out_dir or "out/tiny", device=device, dtype=dtype, scan_backend=backend
+        )
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+
+    from minijamba import load_hf
+    from minijamba.mamba import MambaMixer
+
+    tok = tk.load(Path(args.hf) / "tokenizer.json")
+    try:
+        model = load_hf(args.hf, device=device, dtype=dtype)
+    except SafetensorError as e:
+        raise ValueError(
+            f"a weight file in {args.hf} is not valid safetensors ({e}): it is corrupt"
+        ) from None
+    model.config.scan_backend = backend
+    for m in model.modules():
+        if isinstance(m, MambaMixer):
+            m.scan_backend = backend
+    return model.eval(), tok
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
+    return sys.stdin.read()
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    import torch
+
+    from minijamba import tokenizer as tk
+    from minijamba.checkpoint import CheckpointError
+    from minijamba.generation import generate_stream
+    from minijamba.runtime import resolve_device, scan_backend_for
+    from minijamba.state import plan_nbytes
+
+    try:
+        device = resolve_device(args.device)
+        model, tok = load(args, device, scan_backend_for(args.fast))
+        prompt = read_prompt(args)
+        ids = tok.encode(prompt).ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens: give some text")
+        if max(ids) >= model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer gives id {max(ids)}, beyond the model's {model.config.vocab_size} tokens"
+            )
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 1
+
+    config = model.config
+    stop = config.eos_token_id
+    x = torch.tensor([ids], device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = sys.stdout
+    total_tokens, total_time, state = 0, 0.0, None
+    try:
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n")
+            decoder = tk.StreamDecoder(tok, ids)
+            out.write(tok.decode(ids, skip_special_tokens=False))
+            out.flush()
+            state = model.new_state(1, len(ids) + args.max_new_tokens)
+            t0 = time.perf_counter()
+            stream = generate_stream(model, x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                     generator=gen, state=state)  # fmt: skip
+            for token in stream:
+                total_tokens += 1
+                if stop is not None and int(token[0]) == stop:
+                    break
+                out.write(decoder.push(int(token[0])))
+                out.flush()
+            total_time += time.perf_counter() - t0
+            out.write(decoder.flush() + "\n")
+            out.flush()
+    except KeyboardInterrupt:
+        out.write("\n")
+        print("generate.py: interrupted", file=sys.stderr)
+        return 130
+
+    nb = state.nbytes()
+    kinds = config.layer_types
+    a, m = kinds.count("attention"), kinds.count("mamba")
+    dtype = model.embed_tokens.weight.dtype
+    attn_only = plan_nbytes(config.with_layout("attention"), 1, state.capacity, dtype)["kv_cache"]
+    s = lambda n: "" if n == 1 else "s"
+    print(
+        f"{total_tokens} tokens in {total_time:.2f} s: {total_tokens / max(total_time, 1e-9):,.1f} tokens/s "
+        f"(prompt of {len(ids)} tokens included, device {device})",
+        file=sys.stderr,
+    )
+    print(
+        f"inference state for {state.capacity} tokens: KV cache {_kib(nb['kv_cache'])} ({a} attention layer{s(a)}), "
+        f"SSM state {_kib(nb['ssm_state'])} + conv state {_kib(nb['conv_state'])} ({m} Mamba layer{s(m)}), "
+        f"{_kib(nb['total'])} in all; with attention in every layer the KV cache alone would be {_kib(attn_only)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""The training loop: one loop for the laptop (`train_tiny.py`) and, later, for several GPUs.
+
+Glossary:
+
+    b   global batch (sequences per optimizer step, over all processes)
+    l   sequence length
+    s   optimizer steps done so far ("step")
+    T   planned steps: the length of the learning-rate schedule
+
+What one step does: take batch s (a pure function of seed and s, see minijamba.data), forward
+with the loss (bf16 autocast on a GPU, fp32 on the CPU), backward, clip the gradient norm, set
+the learning rate for s, AdamW step. Every so often: validation loss in nats per token and bits
+per byte (MQAR: recall accuracy), a checkpoint, the loss-curve plot.
+
+Schedule: linear warmup, then cosine decay to `min_lr_ratio * lr` at step T. With `max_steps` T is
+known; with only a time budget, T is estimated from the speed of the first steps and saved, so a
+resumed run keeps the same schedule. The time budget covers the whole call, set-up included.
+
+Same seed, same run: the model's initialisation, the data order and the MQAR sequences all come
+from the seed, and nothing else draws random numbers. With `max_steps` the whole run repeats
+(bit for bit on the CPU); with only a time budget T depends on the measured speed.
+
+Stopping: at T, at the time budget, at `stop_after`, or on Ctrl-C (finish the step, write a
+checkpoint, return). A non-finite loss or gradient stops the run without writing, so the last
+good checkpoint stays. Resume (`resume=True`) restores weights, optimizer, RNG states, schedule
+and history; the next batch is the one an uninterrupted run would have taken.
+
+Several processes (torchrun): the loop asks `runtime.dist_info()` for rank and world size, each
+process takes rows rank*b/w .. (rank+1)*b/w of the same global batch, and only rank 0 prints and
+writes.
+Sharding the model (FSDP2) and gathering full state dicts for the checkpoint hook in at
+`_wrap_model` and at the two `checkpoint.*_state` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minijamba import checkpoint
+from minijamba import tokenizer as tk
+from minijamba.config import LAYOUTS, PRESETS, JambaConfig
+from minijamba.data import IGNORE, MQARSpec, MQARTask, TextTask, bits_per_byte
+from minijamba.model import Jamba
+from minijamba.plots import plot_history
+from minijamba.runtime import check_training_fits, dist_info, peak_memory, resolve_device, scan_backend_for
+
+TASKS = ("text", "mqar")
+# Fields a resumed run takes from the command line; all others come from the checkpoint.
+RUNTIME_FIELDS = ("time_budget", "device", "compile", "fast", "stop_after", "out_dir", "resume", "overwrite")
+PLAN_AFTER = 10  # steps timed before estimating T from the time budget ...
+PLAN_SECONDS = 15.0  # ... and seconds (unless warmup ends first)
+DEFAULT_BATCH = {"text": 8, "mqar": 32}  # sequences per step; MQAR's are short and carry few targets
+EVALS_PER_RUN = 10  # validation points when eval_interval is left to the loop
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as train_config.json)."""
+
+    task: str = "text"  # "text" (next-token prediction) or "mqar" (associative recall)
+    data: str | None = None  # text file or folder; None = the Python standard library's modules
+    vocab_size: int = 4096  # BPE vocabulary (text task)
+    preset: str = "tiny"  # JambaConfig preset
+    layout: str = "hybrid"  # "hybrid" (the preset's a:m), "attention" only or "mamba" only
+    overrides: dict = field(default_factory=dict)  # JambaConfig fields to change from the preset
+    seed: int = 0
+    max_steps: int | None = None  # T; None = estimate from the time budget
+    time_budget: float | None = 540.0  # seconds for the whole call; None = no limit
+    stop_after: int | None = None  # stop (with a checkpoint) once this step is done
+    batch_size: int | None = None  # b, global; None = DEFAULT_BATCH of the task
+    seq_len: int = 128  # l (text task; MQAR's length follows from its sizes)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_interval: int | None = None  # steps between validations; None = about EVALS_PER_RUN per run
+    eval_batches: int = 4  # validation batches of b sequences
+    mqar_pairs: int = 8
+    mqar_queries: int = 8
+    mqar_keys: int = 32
+    mqar_values: int = 32
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    compile: bool = False  # torch.compile the model
+    fast: bool = False  # the fastest available scan backend instead of the reference
+    out_dir: str = "out/tiny"
+    resume: bool = False
+    overwrite: bool = False  # replace a checkpoint already in out_dir (otherwise refuse)
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH.get(self.task, 8)
+        for name in ("batch_size", "seq_len", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_interval", "stop_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time budget must be > 0 seconds, got {self.time_budget}")
+        if self.max_steps is None and self.time_budget is None:
+            raise ValueError("without a time budget the run needs --max-steps")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr} and {self.min_lr_ratio}")
+
+    def mqar_spec(self) -> MQARSpec:
+        return MQARSpec(self.mqar_pairs, self.mqar_queries, self.mqar_keys, self.mqar_values)
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done", "budget" (time ran out), "stopped" (stop_after), "interrupted" (Ctrl-C)
+    step: int
+    planned_steps: int | None
+    metrics: dict  # the last validation: val_loss, accuracy, bits_per_byte (text)
+    tokens_per_s: float
+    peak_memory_bytes: int | None
+    out_dir: str
+    resumed_from: int | None = None
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN or infinite; the run stopped without writing a checkpoint."""
+
+
+# --- small pieces ------------------------------------------------------------------------------
+def model_config(cfg: TrainConfig, task) -> JambaConfig:
+    """The preset, with the task's vocabulary and special tokens and the overrides, in the asked layout."""
+    if task.kind == "text":  # end-of-text marks the end of a document, and pads (as in GPT-2)
+        eot = tk.eot_id(task.tokenizer)
+        special = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+    else:  # MQAR: only padding
+        special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
+    overrides = {
+        **cfg.overrides,
+        "vocab_size": task.vocab_size,
+        **special,
+        "scan_backend": scan_backend_for(cfg.fast),
+    }
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(JambaConfig)})
+    if unknown:
+        raise ValueError(f"unknown model setting {unknown[0]!r}: overrides must be JambaConfig fields")
+    return JambaConfig.from_preset(cfg.preset, **overrides).with_layout(cfg.layout)
+
+
+def lr_at(step: int, cfg: TrainConfig, planned: int | None) -> float:
+    """Learning rate for the update that follows `step` completed steps: warmup, then cosine."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if planned is None:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, planned - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on norms, biases, A_log or D)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and not name.endswith("A_log") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def build_task(cfg: TrainConfig, tokenizer=None):
+    if cfg.task == "mqar":
+        return MQARTask(cfg.mqar_spec(), cfg.seed)
+    return TextTask.build(cfg.data, cfg.vocab_size, cfg.seq_len, cfg.seed, tok=tokenizer)
+
+
+def _wrap_model(model, cfg: TrainConfig):
+    """The model as the loop runs it. One process: itself. (Several: FSDP2's fully_shard goes here.)"""
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, batches, token_nbytes, device, autocast) -> dict:
+    """Validation: mean nats per target token, next-token accuracy, and bits per byte (text)."""
+    nats, count, correct, nbytes = 0.0, 0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x)  # (b, l, V)
+        y = y.flatten()
+        keep = y != IGNORE
+        lp = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="none")
+        nats += lp[keep].sum().item()
+        count += int(keep.sum())
+        correct += int((logits.flatten(0, 1).argmax(-1) == y)[keep].sum())
+        if token_nbytes is not None:
+            nbytes += int(token_nbytes.to(device)[y[keep]].sum())
+    out = {"val_loss": nats / count, "accuracy": correct / count}
+    if token_nbytes is not None:
+        out["bits_per_byte"] = bits_per_byte(nats, nbytes)
+    return out
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag that the loop checks after each step; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+def train(cfg: TrainConfig, log=None) -> TrainResult:
+    """Run (or resume) the training run described by `cfg`; see the module docstring."""
+    start = time.monotonic()
+    cfg.validate()
+    rank, world = dist_info()
+    main = rank == 0
+    from tqdm import tqdm
+
+    say = (log or tqdm.write) if main else (lambda *a, **k: None)
+    out_dir = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = checkpoint.load(out_dir, training=True)
+        saved = {
+            k: v
+            for k, v in ckpt.train_config.items()
+            if k in {f.name for f in dataclasses.fields(TrainConfig)}
+        }
+        runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
+        try:
+            cfg = TrainConfig(**{**saved, **runtime})
+            cfg.betas = tuple(cfg.betas)
+            cfg.validate()
+        except (TypeError, ValueError) as e:
+            raise checkpoint.CheckpointError(
+                f"{out_dir / checkpoint.TRAIN_CONFIG} is not a valid training config: {e}"
+            ) from None
+    else:
+        checkpoint.check_writable(out_dir)
+        if checkpoint.is_checkpoint(out_dir) and not cfg.overwrite:
+            raise FileExistsError(
+                f"{out_dir} already holds a checkpoint: pass --resume to continue it, --overwrite to "
+                f"start over, or another --out-dir"
+            )
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
+    task = build_task(cfg, tokenizer=ckpt.tokenizer if ckpt else None)
+    config = ckpt.config if ckpt else model_config(cfg, task)
+    config.scan_backend = scan_backend_for(cfg.fast)
+    with torch.device("meta"):
+        check_training_fits(Jamba(config).num_parameters(), device, world)
+    torch.manual_seed(cfg.seed)
+    model = Jamba(config).to(device)
+    optimizer = make_optimizer(model, cfg)
+    state = {
+        "step": 0, "planned_steps": cfg.max_steps, "eval_interval": cfg.eval_interval, "tokens_seen": 0,
+        "train_seconds": 0.0, "data": task.fingerprint(), "history": {"step": [], "loss": [], "lr": []},
+        "evals": [], "status": "running",
+    }  # fmt: skip
+    if ckpt:
+        if ckpt.train_state.get("data") != task.fingerprint():
+            raise checkpoint.CheckpointError(
+                f"the training data differ from those of the checkpoint in {out_dir} (another --data, "
+                f"or another Python's standard library): resume with the same data"
+            )
+        checkpoint.load_model_state(model, ckpt.model_tensors, source=str(out_dir / checkpoint.MODEL))
+        checkpoint.load_optimizer_state(model, optimizer, ckpt.optimizer_tensors, ckpt.param_groups)
+        checkpoint.set_rng_state(ckpt.train_state.get("rng", {}))
+        state.update({k: v for k, v in ckpt.train_state.items() if k != "rng"})
+        say(
+            f"resuming {out_dir} at step {state['step']}"
+            + (f" of {state['planned_steps']}" if state["planned_steps"] else "")
+        )
+    resumed_from = state["step"] if ckpt else None
+
+    net = _wrap_model(model, cfg)
+    net = torch.compile(net) if cfg.compile else net
+    use_bf16 = device.type == "cuda"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    val = task.val_batches(cfg.batch_size, cfg.eval_batches)  # every process evaluates all of it
+    title = f"{cfg.layout} {config.describe()}"
+    say(f"model: {cfg.preset} {cfg.layout}, {config.describe()}, {model.num_parameters() / 1e6:.2f}M parameters "
+        f"({model.num_parameters(active=True) / 1e6:.2f}M active), scan backend {config.scan_backend or 'default'}")  # fmt: skip
+    say(f"data: {task.describe()}; batch {cfg.batch_size} x {task.seq_len} tokens; device {device}"
+        + (" (bf16 autocast)" if use_bf16 else " (fp32)"))  # fmt: skip
+
+    plot_note = []
+
+    def plot(path):
+        if not plot_history(state, path, title) and not plot_note:
+            plot_note.append(1)
+            say("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
+
+    def save(status):
+        t = time.monotonic()
+        state["status"] = status
+        tensors = checkpoint.model_state(model)
+        opt_tensors, groups = checkpoint.optimizer_state(model, optimizer)
+        if main:
+            checkpoint.save(
+                out_dir, model_tensors=tensors, optimizer_tensors=opt_tensors, param_groups=groups,
+                config=config, train_config=_jsonable(cfg), tokenizer=task.tokenizer,
+                train_state={**state, "rng": checkpoint.rng_state()}, plot=plot,
+            )  # fmt: skip
+        return time.monotonic() - t
+
+    def run_eval():
+        t = time.monotonic()
+        metrics = evaluate(net, val, task.token_nbytes, device, autocast)
+        state["evals"].append({"step": state["step"], **metrics})
+        return metrics, time.monotonic() - t
+
+    last_good = state["step"] if ckpt else None
+    metrics, eval_seconds = ({}, 0.0)
+    if not state["evals"] or state["evals"][-1]["step"] != state["step"]:
+        metrics, eval_seconds = run_eval()
+        say(_format_eval(state["step"], metrics))
+    else:
+        metrics = {k: v for k, v in state["evals"][-1].items() if k != "step"}
+    save_seconds = 1.0
+    budget_end = None if cfg.time_budget is None else start + cfg.time_budget
+    tokens_per_step = cfg.batch_size * task.seq_len
+    train_time, train_tokens, timed_from = 0.0, 0, None
+
+    bar = tqdm(total=state["planned_steps"], initial=state["step"], unit="step", disable=not main,
+               dynamic_ncols=True, mininterval=0.5, file=sys.stderr)  # fmt: skip
+    status, ema = "done", None
+    with _StopFlag() as stop:
+        model.train()
+        while True:
+            step = state["step"]
+            if state["planned_steps"] is not None and step >= state["planned_steps"]:
+                status = "done"
+                break
+            if cfg.stop_after is not None and step >= cfg.stop_after:
+                status = "stopped"
+                break
+            if stop.set:
+                status = "interrupted"
+                break
+            now = time.monotonic()
+            if budget_end is not None and now + eval_seconds + save_seconds > budget_end:
+                status = "budget"
+                break
+            # One optimizer step.
+            t0 = time.monotonic()
+            lr = lr_at(step, cfg, state["planned_steps"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = task.batch(step, cfg.batch_size, rows)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                _, loss = net(x, targets=y)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            loss_value = _mean_over_ranks(loss.detach(), world).item()
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                bar.close()
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                kept = (f"the last good checkpoint (step {last_good}) is kept in {out_dir}" if last_good is not None
+                        else "no checkpoint had been written yet")  # fmt: skip
+                raise NonFiniteLoss(
+                    f"the {what} became {loss_value if what == 'loss' else float(grad_norm)} at step {step + 1}; "
+                    f"training stopped and {kept}; try a lower --lr"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            state["tokens_seen"] += tokens_per_step
+            hist = state["history"]
+            hist["step"].append(step), hist["loss"].append(loss_value), hist["lr"].append(lr)
+            dt = time.monotonic() - t0
+            state["train_seconds"] += dt
+            # Throughput from the second step on (the first one warms up caches and compilation).
+            if timed_from is None:
+                timed_from = step
+            else:
+                train_time += dt
+                train_tokens += tokens_per_step
+            ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
+
+            # With only a time budget: fix the schedule's length T once the speed is known.
+            timed = step - timed_from >= PLAN_AFTER and (
+                train_time >= PLAN_SECONDS or step >= cfg.warmup_steps
+            )
+            if state["planned_steps"] is None and timed:
+                state["planned_steps"] = _plan(cfg, step, train_time / (step - timed_from), eval_seconds,
+                                               save_seconds, budget_end - time.monotonic())  # fmt: skip
+                bar.total = state["planned_steps"]
+                say(f"time budget {cfg.time_budget:.0f} s: planning {state['planned_steps']} steps")
+            if state["eval_interval"] is None and state["planned_steps"] is not None:
+                state["eval_interval"] = max(1, state["planned_steps"] // EVALS_PER_RUN)
+
+            tok_s = train_tokens / train_time if train_time else 0.0
+            left = _time_left(state, step, train_time, train_tokens, tokens_per_step, budget_end)
+            bar.set_postfix_str(f"loss {ema:.3f}, {tok_s:,.0f} tok/s, {left} left", refresh=False)
+            bar.update(1)
+
+            interval = state["eval_interval"]
+            if (
+                interval
+                and step % interval == 0
+                and step != state["planned_steps"]
+                and step != cfg.stop_after
+            ):
+                metrics, eval_seconds = run_eval()
+                model.train()
+                say(_format_eval(step, metrics))
+                save_seconds = save("running")
+                last_good = step
+    bar.close()
+
+    # The end: a last validation (unless interrupted: then get out fast) and a checkpoint.
+    if status != "interrupted" and state["evals"][-1]["step"] != state["step"]:
+        metrics, _ = run_eval()
+        say(_format_eval(state["step"], metrics))
+    save(status)
+    if status == "budget":
+        say(f"time budget of {cfg.time_budget:.0f} s reached at step {state['step']}"
+            + (f" of {state['planned_steps']}" if state["planned_steps"] else "") + "; continue with --resume")  # fmt: skip
+    elif status == "interrupted":
+        say(f"interrupted at step {state['step']}: checkpoint written to {out_dir}; continue with --resume")
+    tokens_per_s = train_tokens / train_time if train_time else 0.0
+    return TrainResult(status, state["step"], state["planned_steps"], metrics, tokens_per_s, peak_memory(device),
+                       str(out_dir), resumed_from)  # fmt: skip
+
+
+def _plan(cfg, step, step_seconds, eval_seconds, save_seconds, remaining) -> int:
+    """T such that the remaining steps, their validations and checkpoints fit in the budget."""
+    if cfg.eval_interval:
+        per_step = step_seconds + (eval_seconds + save_seconds) / cfg.eval_interval
+        remaining_steps = 0.93 * (remaining - eval_seconds - save_seconds) / per_step
+    else:
+        remaining_steps = (
+            0.93 * (remaining - (EVALS_PER_RUN + 1) * (eval_seconds + save_seconds)) / step_seconds
+        )
+    return max(step + 1, 2 * cfg.warmup_steps, step + int(remaining_steps))
+
+
+def _time_left(state, step, train_time, train_tokens, tokens_per_step, budget_end) -> str:
+    left = None
+    if state["planned_steps"] and train_tokens:
+        left = (state["planned_steps"] - step) * train_time / (train_tokens / tokens_per_step)
+    if budget_end is not None:
+        b = max(0.0, budget_end - time.monotonic())
+        left = b if left is None else min(left, b)
+    if left is None:
+        return "?"
+    m, s = divmod(int(left), 60)
+    return f"{m}:{s:02d}"
+
+
+def _mean_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        t /= world
+    return t
+
+
+def _format_eval(step: int, m: dict) -> str:
+    s = f"step {step}: validation loss {m['val_loss']:.4f} nats/token"
+    if "bits_per_byte" in m:
+        s += f", {m['bits_per_byte']:.4f} bits/byte"
+    s += f", accuracy {m['accuracy']:.1%}"
+    return s
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["betas"] = list(d["betas"])
+    return d

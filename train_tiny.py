@@ -1,0 +1,257 @@
+#!/usr/bin/env python
+"""Train a tiny Jamba on this machine, offline: by default on the Python standard library's source.
+
+    python train_tiny.py                          # ~10 minutes on a 2-core CPU, writes out/tiny
+    python generate.py --prompt "def "            # sample from it
+    python train_tiny.py --resume                 # continue where it stopped
+    python train_tiny.py --layout mamba --out-dir out/mamba      # the same size, Mamba layers only
+    python train_tiny.py --task mqar --out-dir out/mqar           # associative recall
+
+The training loop itself is minijamba/train.py; this script only turns flags into a TrainConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from minijamba.config import LAYOUTS, PRESETS
+from minijamba.train import DEFAULT_BATCH, EVALS_PER_RUN, TASKS, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> Parser:
+    d = DEFAULTS
+    p = Parser(
+        prog="train_tiny.py",
+        description="Train a tiny Jamba (hybrid Mamba-attention MoE) on this machine, without a download. "
+        "By default: the 'tiny' preset on the Python standard library's own source files, for a time "
+        "budget that finishes within 10 minutes on a 2-core CPU. Writes a checkpoint folder that "
+        "--resume continues and generate.py samples from.",
+    )
+    g = p.add_argument_group("data and task")
+    g.add_argument(
+        "--task",
+        choices=TASKS,
+        help=f"text: next-token prediction; mqar: multi-query associative recall (default {d.task})",
+    )
+    g.add_argument(
+        "--data",
+        metavar="PATH",
+        help="a UTF-8 text file or a folder of them (default: the Python standard library's top-level modules)",
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        help=f"byte-level BPE vocabulary size, trained on the training split (default {d.vocab_size})",
+    )
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        metavar="L",
+        help=f"tokens per training sequence (text task; default {d.seq_len})",
+    )
+    g.add_argument(
+        "--mqar-pairs",
+        type=int,
+        metavar="P",
+        help=f"MQAR key-value pairs per sequence (default {d.mqar_pairs})",
+    )
+    g.add_argument(
+        "--mqar-queries",
+        type=int,
+        metavar="Q",
+        help=f"MQAR keys asked again per sequence (default {d.mqar_queries})",
+    )
+    g.add_argument(
+        "--mqar-keys", type=int, metavar="K", help=f"MQAR distinct keys to draw from (default {d.mqar_keys})"
+    )
+    g.add_argument(
+        "--mqar-values",
+        type=int,
+        metavar="V",
+        help=f"MQAR distinct values to draw from (default {d.mqar_values})",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--preset", metavar="NAME", help=f"model preset: {', '.join(PRESETS)} (default {d.preset})"
+    )
+    g.add_argument(
+        "--layout",
+        metavar="LAYOUT",
+        help=f"{' | '.join(LAYOUTS)}: the preset's attention:Mamba mix, or the same size with only attention or only Mamba layers (default {d.layout})",
+    )
+    g.add_argument(
+        "--override",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change one JambaConfig field of the preset, e.g. --override hidden_size=64 (repeatable)",
+    )
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--seed",
+        type=int,
+        help=f"seed for initialisation and data order: same seed, same run (default {d.seed})",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="optimizer steps (the length of the LR schedule); default: as many as the time budget allows",
+    )
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help=f"stop (with a checkpoint) after this many seconds, set-up included; 0 = no limit (default {d.time_budget:.0f})",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="stop (with a checkpoint) once this step is done, leaving the schedule as it is; --resume continues",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help="sequences per step (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()) + ")",
+    )
+    g.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default {d.lr})")
+    g.add_argument(
+        "--warmup-steps",
+        type=int,
+        metavar="N",
+        help=f"linear warmup steps before the cosine decay (default {d.warmup_steps})",
+    )
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        metavar="N",
+        help=f"steps between validations and checkpoints (default: about {EVALS_PER_RUN} per run)",
+    )
+    g.add_argument(
+        "--eval-batches", type=int, metavar="N", help=f"validation batches (default {d.eval_batches})"
+    )
+    g = p.add_argument_group("machine and output")
+    g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {d.device}: cuda if available)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model (slow to start, faster after)",
+    )
+    g.add_argument(
+        "--fast",
+        action="store_true",
+        default=None,
+        help="use the fastest selective-scan backend available here (a GPU kernel), else the reference",
+    )
+    g.add_argument("--out-dir", metavar="DIR", help=f"checkpoint folder (default {d.out_dir})")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the run in --out-dir exactly where it stopped (its settings are kept)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start a new run even if --out-dir holds a checkpoint (replacing it when the first one is written)",
+    )
+    return p
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--override {item!r}: expected KEY=VALUE, e.g. hidden_size=64")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+FLAG_TO_FIELD = {"override": "overrides"}
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
+    """The TrainConfig the flags describe, and the flags that were given explicitly."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    fields = {}
+    for key, value in given.items():
+        if key == "override":
+            value = dict(_parse_override(item) for item in value)
+        if key == "time_budget" and value == 0:
+            value = None
+        fields[FLAG_TO_FIELD.get(key, key)] = value
+    cfg = TrainConfig(**fields)
+    cfg.validate()
+    return cfg, sorted(given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from minijamba.checkpoint import CheckpointError
+    from minijamba.train import RUNTIME_FIELDS, NonFiniteLoss, train
+
+    err = lambda msg: print(f"train_tiny.py: error: {msg}", file=sys.stderr)
+    try:
+        cfg, given = config_from_args(args)
+        if cfg.resume:
+            ignored = [k for k in given if FLAG_TO_FIELD.get(k, k) not in RUNTIME_FIELDS]
+            if ignored:
+                flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+                print(f"note: {flags} ignored: a resumed run keeps the settings it was started with")
+        result = train(cfg)
+    except NonFiniteLoss as e:
+        err(e)
+        return 1
+    except (ValueError, OSError, CheckpointError) as e:  # incl. FileNotFoundError, FileExistsError
+        err(e)
+        return 1
+    except KeyboardInterrupt:
+        err("interrupted before a checkpoint could be written; any earlier checkpoint is kept")
+        return 130
+    _summary(result)
+    return 130 if result.status == "interrupted" else 0
+
+
+def _summary(r) -> None:
+    m = r.metrics
+    words = {
+        "done": "done",
+        "budget": "time budget reached",
+        "stopped": "stopped",
+        "interrupted": "interrupted",
+    }
+    steps = f"step {r.step}" + (f" of {r.planned_steps}" if r.planned_steps else "")
+    parts = [f"{words[r.status]} at {steps}"]
+    if m:
+        v = f"validation loss {m['val_loss']:.4f} nats/token"
+        if "bits_per_byte" in m:
+            v += f" ({m['bits_per_byte']:.4f} bits/byte)"
+        else:
+            v += f", recall accuracy {m['accuracy']:.1%}"
+        parts.append(v)
+    if r.tokens_per_s:
+        parts.append(f"{r.tokens_per_s:,.0f} training tokens/s")
+    if r.peak_memory_bytes:
+        parts.append(f"peak memory {r.peak_memory_bytes / 2**20:,.0f} MiB")
+    print("; ".join(parts))
+    print(f"checkpoint: {r.out_dir}  (sample with: python generate.py --out-dir {r.out_dir})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
