@@ -152,7 +152,7 @@ def model_config(cfg: TrainConfig, task) -> JambaConfig:
         **cfg.overrides,
         "vocab_size": task.vocab_size,
         **special,
-        "scan_backend": scan_backend_for(cfg.fast),
+        "scan_backend": scan_backend_for(cfg.fast, cfg.compile),
     }
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(JambaConfig)})
     if unknown:
@@ -277,7 +277,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
     task = build_task(cfg, tokenizer=ckpt.tokenizer if ckpt else None)
     config = ckpt.config if ckpt else model_config(cfg, task)
-    config.scan_backend = scan_backend_for(cfg.fast)
+    config.scan_backend = scan_backend_for(cfg.fast, cfg.compile)
     with torch.device("meta"):
         check_training_fits(Jamba(config).num_parameters(), device, world)
     torch.manual_seed(cfg.seed)
