@@ -68,12 +68,20 @@ class Router(nn.Module):
         return probs, weights.to(x.dtype), experts
 
 
-def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """n * sum_i f_i P_i for one layer. probs (t, n); experts (t, K). Equals 1 for uniform routing."""
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, group=None) -> torch.Tensor:
+    """n * sum_i f_i P_i for one layer. probs (t, n); experts (t, K). Equals 1 for uniform routing.
+
+    group: the process group a data-parallel batch is split over, or None. Then f is counted over
+    the whole global batch (one all-reduce of n counts; f carries no gradient), so that the mean of
+    this loss over the processes, and of its gradients, are those of the global batch (each
+    process holding as many tokens); see minijamba.distributed."""
     n = probs.shape[-1]
-    f = torch.zeros(n, device=probs.device, dtype=probs.dtype).index_add_(
+    counts = torch.zeros(n, device=probs.device, dtype=probs.dtype).index_add_(
         0, experts.reshape(-1), torch.ones(experts.numel(), device=probs.device, dtype=probs.dtype)
-    ) / experts.numel()  # fraction of assignments per expert   (n,)
+    )  # assignments per expert   (n,)
+    if group is not None:
+        torch.distributed.all_reduce(counts, group=group)
+    f = counts / counts.sum()  # fraction of assignments per expert   (n,)
     P = probs.mean(0)  # mean router probability per expert       (n,)
     return n * (f * P).sum()
 
@@ -116,9 +124,17 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> tor
     aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[1], w.shape[1]))
     kernel = x.dtype != torch.float64 and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
     if aligned and kernel and x.dtype == w.dtype:
+        if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            return _grouped_mm_eager(x, w, ends)  # torch.compile admits only bf16 grouped_mm
         return F.grouped_mm(x, w.transpose(1, 2), offs=ends)
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     return torch.cat([F.linear(xi, w[i]) for i, xi in enumerate(x.split(sizes))])
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm run outside torch.compile (one graph break), for the float32 CPU kernel."""
+    return F.grouped_mm(x, w.transpose(1, 2), offs=ends)
 
 
 def experts_loop(experts: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -138,6 +154,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.router = Router(config)
         self.experts = Experts(config)
+        self.balance_group = None  # set by minijamba.distributed.shard: f over the global batch
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, out_std: float = 0.02) -> None:
@@ -151,4 +168,4 @@ class SparseMoE(nn.Module):
         xt = x.reshape(b * l, h)  # (t, h)
         probs, weights, idx = self.router(xt)  # (t, n), (t, K), (t, K)
         y = self.experts(xt, weights, idx)  # (t, h)
-        return y.reshape(b, l, h), load_balancing_loss(probs, idx)
+        return y.reshape(b, l, h), load_balancing_loss(probs, idx, self.balance_group)
