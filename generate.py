@@ -78,6 +78,20 @@ def build_parser() -> Parser:
         action="store_true",
         help="use the fastest selective-scan backend available here, else the reference",
     )
+    p.add_argument(
+        "--int8-experts",
+        action="store_true",
+        help="store the MoE experts as int8 with per-channel scales (how all 52B of Jamba-v0.1 fit one "
+        "80GB GPU); everything else, the Mamba layers included, stays unquantized",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the prompt N tokens at a time: the same tokens, with activation memory bounded by N "
+        "instead of the prompt's length (default: the prompt in one piece)",
+    )
     return p
 
 
@@ -92,6 +106,8 @@ def _check_args(p: Parser, a: argparse.Namespace) -> None:
         p.error(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.num_samples < 1:
         p.error(f"--num-samples must be >= 1, got {a.num_samples}")
+    if a.prefill_chunk is not None and a.prefill_chunk < 1:
+        p.error(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
 
 
 def load(args, device, backend):
@@ -102,10 +118,14 @@ def load(args, device, backend):
     from minijamba import tokenizer as tk
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantize = "int8" if args.int8_experts else None
     if args.hf is None:
-        return checkpoint.load_model(
+        from minijamba.quant import quantize_model_
+
+        model, tok = checkpoint.load_model(
             args.out_dir or "out/tiny", device=device, dtype=dtype, scan_backend=backend
         )
+        return quantize_model_(model, quantize), tok
     from pathlib import Path
 
     from safetensors import SafetensorError
@@ -115,7 +135,7 @@ def load(args, device, backend):
 
     tok = tk.load(Path(args.hf) / "tokenizer.json")
     try:
-        model = load_hf(args.hf, device=device, dtype=dtype)
+        model = load_hf(args.hf, device=device, dtype=dtype, quantize=quantize)  # int8 as it loads
     except SafetensorError as e:
         raise ValueError(
             f"a weight file in {args.hf} is not valid safetensors ({e}): it is corrupt"
@@ -148,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from minijamba import tokenizer as tk
     from minijamba.checkpoint import CheckpointError
     from minijamba.generation import generate_stream
+    from minijamba.memory_plan import available_bytes, check, plan
     from minijamba.runtime import resolve_device, scan_backend_for
     from minijamba.state import plan_nbytes
 
@@ -162,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"the tokenizer gives id {max(ids)}, beyond the model's {model.config.vocab_size} tokens"
             )
+        # The memory plan of this run, printed, and checked before anything runs: a run that cannot
+        # fit stops here with the largest context that would, not halfway with an out-of-memory error.
+        weights = model.embed_tokens.weight
+        memory = plan(model.config, len(ids) + args.max_new_tokens, 1, args.prefill_chunk, weights.dtype,
+                      "int8" if args.int8_experts else None, model.config.scan_backend,
+                      new_tokens=args.max_new_tokens)  # fmt: skip
+        print(memory, file=sys.stderr)
+        held = torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.weights_total
+        check(memory, available_bytes(device) + held)  # the weights are loaded already
     except (ValueError, OSError, CheckpointError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1
@@ -182,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             state = model.new_state(1, len(ids) + args.max_new_tokens)
             t0 = time.perf_counter()
             stream = generate_stream(model, x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                     generator=gen, state=state)  # fmt: skip
+                                     generator=gen, state=state, prefill_chunk=args.prefill_chunk)  # fmt: skip
             for token in stream:
                 total_tokens += 1
                 if stop is not None and int(token[0]) == stop:

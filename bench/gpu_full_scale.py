@@ -106,7 +106,16 @@ def run_context(model, context: int, args, device, reserve: int, decode_tokens: 
     config = model.config
     warmup = 2 if decode_tokens else 0
     capacity = context + warmup + decode_tokens
-    p = plan(config, capacity, 1, args.chunk, args.dtype, args.quantize, args.scan_backend)
+    p = plan(
+        config,
+        capacity,
+        1,
+        args.chunk,
+        args.dtype,
+        args.quantize,
+        args.scan_backend,
+        new_tokens=capacity - context,
+    )
     row = {
         "layout": "attention" if config.attn_to_mamba == (1, 0) else "hybrid",
         "context": context,

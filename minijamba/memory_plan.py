@@ -4,7 +4,7 @@ Glossary:
 
     b   batch
     s   context: tokens the inference state holds (prompt + new tokens)
-    c   prefill chunk: tokens per forward call (the prompt runs in chunks of c)
+    c   prefill chunk: tokens per forward call (the prompt runs in chunks of c; at most the prompt)
     t   tokens in one call, b * c
     h   model width
     f   hidden width of an MLP / expert
@@ -85,7 +85,8 @@ class MemoryPlan:
     quantize: str | None
     scan_backend: str
     padding: bool
-    chunk_request: int | None = None  # the chunk asked for (None: the whole context in one call)
+    chunk_request: int | None = None  # the chunk asked for (None: the prompt in one call)
+    new_tokens: int = 0  # context = prompt + new_tokens; the prompt is the longest call
     weights: dict[str, int] = field(default_factory=dict)
     state: dict[str, int] = field(default_factory=dict)
     activations: dict[str, int] = field(default_factory=dict)
@@ -176,28 +177,34 @@ def activation_bytes(
 
 def plan(
     config: JambaConfig, context: int, batch: int = 1, chunk: int | None = None, dtype=torch.bfloat16,
-    quantize=None, scan_backend: str | None = None, padding: bool = False,
+    quantize=None, scan_backend: str | None = None, padding: bool = False, new_tokens: int = 0,
 ) -> MemoryPlan:  # fmt: skip
-    """The memory plan of generating with `context` tokens in total (prompt + new) per sequence.
+    """The memory plan of generating with `context` tokens in total per sequence: a prompt of
+    context - new_tokens tokens, then new_tokens more.
 
-    chunk: prefill chunk (None: the whole context in one call). padding: whether prompts are
-    left-padded (batches of different lengths), which puts attention on its masked path."""
+    chunk: prefill chunk (None: the prompt in one call). padding: whether prompts are left-padded
+    (batches of different lengths), which puts attention on its masked path."""
     for name, value in (("context", context), ("batch", batch)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"memory plan: {name} must be a positive integer, got {value!r}")
+    if not isinstance(new_tokens, int) or not 0 <= new_tokens < context:
+        raise ValueError(f"memory plan: new_tokens must be in [0, context), got {new_tokens!r}")
     if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
         raise ValueError(f"memory plan: chunk must be a positive integer or None, got {chunk!r}")
     scan_backend = scan_backend or config.scan_backend or os.environ.get(ENV_VAR) or "reference"
-    p = MemoryPlan(config, batch, context, 0, dtype, quantize, scan_backend, padding, chunk)
+    p = MemoryPlan(config, batch, context, 0, dtype, quantize, scan_backend, padding, chunk, new_tokens)
     p.weights = weight_bytes(config, dtype, quantize)
     return with_context(p, context)
 
 
 def with_context(p: MemoryPlan, context: int) -> MemoryPlan:
-    """The same plan at another context (the weights are reused, not recounted)."""
-    c = context if p.chunk_request is None else min(p.chunk_request, context)
+    """The same plan at another context: a longer or shorter prompt, the same number of new tokens
+    (at least one prompt token), the same chunk. The weights are reused, not recounted."""
+    prompt = max(1, context - p.new_tokens)
+    c = prompt if p.chunk_request is None else min(p.chunk_request, prompt)
     out = MemoryPlan(
-        p.config, p.batch, context, c, p.dtype, p.quantize, p.scan_backend, p.padding, p.chunk_request, p.weights,
+        p.config, p.batch, context, c, p.dtype, p.quantize, p.scan_backend, p.padding, p.chunk_request,
+        context - prompt, p.weights,
     )  # fmt: skip
     out.state = plan_nbytes(p.config, p.batch, context, p.dtype)
     out.activations = activation_bytes(
@@ -242,9 +249,10 @@ def check(p: MemoryPlan, available: int) -> None:
         return
     best = largest_context(p, available)
     if best:
+        how = "the prompt in one piece" if p.chunk_request is None else f"prefill chunk {p.chunk_request:,}"
         hint = (
-            f"the largest context that fits is {best:,} tokens (with prefill chunk {p.chunk:,}; a smaller "
-            f"chunk lowers the activations)"
+            f"the largest context that fits is {best:,} tokens (with {how}; a smaller prefill chunk lowers "
+            f"the activations)"
         )
     else:
         hint = "even the weights do not fit: use quantize='int8' (--int8-experts) or a smaller model"

@@ -281,3 +281,25 @@ def test_generate_bad_input(setup, argv, needles, trained, tmp_path, capsys):
         rc = e.code
     assert rc not in (0, None)
     one_error_line(capsys, *needles)
+
+
+# --- issue 7: int8 experts, chunked prefill, the memory plan -------------------------------------
+def test_generate_prefill_chunk_int8_experts_and_the_memory_plan(trained, capsys):
+    argv = ["--out-dir", str(trained), "--prompt", "import os, sys", "--max-new-tokens", "5", "--temperature", "0"]
+    assert generate.main(argv) == 0
+    whole = capsys.readouterr()
+    assert "memory plan" in whole.err and "kv_cache" in whole.err and "activations" in whole.err
+    assert generate.main([*argv, "--prefill-chunk", "2"]) == 0  # same greedy tokens, in chunks
+    chunked = capsys.readouterr()
+    assert chunked.out == whole.out and "prefill chunk 2," in chunked.err
+    assert generate.main([*argv, "--int8-experts"]) == 0
+    assert "int8 experts" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_context_that_does_not_fit(trained, capsys):
+    argv = ["--out-dir", str(trained), "--prompt", "x", "--max-new-tokens", str(10**10)]
+    assert generate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "memory plan" in err  # printed first, then one error line naming what would fit
+    assert "generate.py: error: this run needs" in err and "the largest context that fits is" in err
+    assert "Traceback" not in err

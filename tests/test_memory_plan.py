@@ -68,6 +68,9 @@ def test_activations_follow_the_chunk_not_the_context():
     assert plan(JAMBA, 1 << 20, chunk=2048, padding=True).activations["attention"] > 10 * GiB
     # one piece: the chunk is the whole context
     assert plan(JAMBA, 5000).chunk == 5000 and plan(JAMBA, 5000, chunk=8192).chunk == 5000
+    # the longest call is the prompt: new tokens are decoded one at a time
+    assert plan(JAMBA, 5000, new_tokens=1000).chunk == 4000
+    assert plan(JAMBA, 5000, chunk=512, new_tokens=1000).chunk == 512
 
 
 def test_the_reference_scan_dominates_jamba_activations():
@@ -108,3 +111,16 @@ def test_plan_prints_every_part():
 def test_bad_plan_arguments(bad):
     with pytest.raises(ValueError, match="memory plan"):
         plan(JAMBA, **bad)
+
+
+def test_largest_context_keeps_the_new_tokens_and_the_chunk():
+    p = plan(JAMBA, 300_000, chunk=2048, quantize="int8", new_tokens=100)
+    best = largest_context(p, 70 * GiB)
+    q = with_context(p, best)
+    assert q.context == best and q.context - q.new_tokens == best - 100 and q.chunk == 2048
+    assert q.total <= 70 * GiB < with_context(p, best + 1).total
+
+
+def test_new_tokens_must_leave_a_prompt():
+    with pytest.raises(ValueError, match="new_tokens"):
+        plan(JAMBA, 10, new_tokens=10)
