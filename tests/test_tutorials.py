@@ -43,7 +43,7 @@ def test_chapter_runs_and_makes_its_figures(path):
         assert written.stat().st_mtime >= start - 1, f"{path.name} shows {figure} but did not rewrite it"
 
 
-@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+@pytest.mark.parametrize("path", CHAPTERS + [_RUN.parent / "README.md"], ids=[p.stem for p in CHAPTERS] + ["README"])
 def test_chapter_links_resolve(path):
     """Every relative link (to a module, a chapter, a figure) points at a file that exists."""
     text = path.read_text(encoding="utf-8")

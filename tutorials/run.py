@@ -73,8 +73,9 @@ def figures_referenced(path: Path) -> list[str]:
 def run_chapter(path: Path, verbose: bool = False) -> dict:
     """Execute every python block of one chapter in one fresh namespace; return the namespace.
 
-    The working directory is tutorials/ while the blocks run (and restored after); the torch seed
-    is 0 at the start, so figures come out the same each run (timings aside)."""
+    The working directory is tutorials/ while the blocks run, and it and torch's thread count are
+    restored after; the torch seed is 0 at the start, so figures come out the same each run on the
+    same machine and code (timings aside)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,7 +84,7 @@ def run_chapter(path: Path, verbose: bool = False) -> dict:
 
     path = Path(path).resolve()
     namespace = {"__name__": f"tutorial_{path.stem.replace('-', '_')}", "__file__": str(path)}
-    cwd = os.getcwd()
+    cwd, threads = os.getcwd(), torch.get_num_threads()  # chapters may change both; restore them
     os.chdir(path.parent)
     (path.parent / "figures").mkdir(exist_ok=True)
     torch.manual_seed(0)
@@ -105,6 +106,7 @@ def run_chapter(path: Path, verbose: bool = False) -> dict:
                 print(f"  [{path.name} block {i}, line {block.line}: {time.perf_counter() - t0:.1f}s]")
     finally:
         os.chdir(cwd)
+        torch.set_num_threads(threads)
     return namespace
 
 
