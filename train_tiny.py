@@ -6,6 +6,7 @@
     python train_tiny.py --resume                 # continue where it stopped
     python train_tiny.py --layout mamba --out-dir out/mamba      # the same size, Mamba layers only
     python train_tiny.py --task mqar --out-dir out/mqar           # associative recall
+    torchrun --nproc-per-node 2 train_tiny.py --out-dir out/two   # 2 GPUs (or CPU processes): FSDP2
 
 The training loop itself is minijamba/train.py; this script only turns flags into a TrainConfig.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from minijamba.config import LAYOUTS, PRESETS
@@ -152,6 +154,13 @@ def build_parser() -> Parser:
         help="torch.compile the model (slow to start, faster after)",
     )
     g.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        default=None,
+        help="keep only each decoder layer's input for backward and recompute the rest there: "
+        "less memory for about a third more compute",
+    )
+    g.add_argument(
         "--fast",
         action="store_true",
         default=None,
@@ -203,15 +212,18 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from minijamba import distributed
     from minijamba.checkpoint import CheckpointError
     from minijamba.train import RUNTIME_FIELDS, NonFiniteLoss, train
 
-    err = lambda msg: print(f"train_tiny.py: error: {msg}", file=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 prints (errors: every rank)
+    who = "train_tiny.py" + (f" (rank {rank})" if distributed.launched_by_torchrun() else "")
+    err = lambda msg: print(f"{who}: error: {msg}", file=sys.stderr)
     try:
         cfg, given = config_from_args(args)
         if cfg.resume:
             ignored = [k for k in given if FLAG_TO_FIELD.get(k, k) not in RUNTIME_FIELDS]
-            if ignored:
+            if ignored and rank == 0:
                 flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
                 print(f"note: {flags} ignored: a resumed run keeps the settings it was started with")
         result = train(cfg)
@@ -224,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err("interrupted before a checkpoint could be written; any earlier checkpoint is kept")
         return 130
-    _summary(result)
+    finally:
+        distributed.shutdown()
+    if rank == 0:
+        _summary(result)
     return 130 if result.status == "interrupted" else 0
 
 

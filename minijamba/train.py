@@ -25,11 +25,12 @@ checkpoint, return). A non-finite loss or gradient stops the run without writing
 good checkpoint stays. Resume (`resume=True`) restores weights, optimizer, RNG states, schedule
 and history; the next batch is the one an uninterrupted run would have taken.
 
-Several processes (torchrun): the loop asks `runtime.dist_info()` for rank and world size, each
-process takes rows rank*b/w .. (rank+1)*b/w of the same global batch, and only rank 0 prints and
-writes.
-Sharding the model (FSDP2) and gathering full state dicts for the checkpoint hook in at
-`_wrap_model` and at the two `checkpoint.*_state` calls.
+Several processes (`torchrun --nproc-per-node N train_tiny.py ...`): the same loop.
+`distributed.setup` joins torchrun's process group, `distributed.prepare` shards the model with
+FSDP2 (one unit per decoder layer), each process takes rows rank*b/w .. (rank+1)*b/w of the same
+global batch, and only rank 0 prints and writes. Checkpoints hold the full state, gathered to rank 0,
+in the single-process format, so a run resumes on any number of processes. Stopping (Ctrl-C, the
+time budget) and the schedule's length are decided once for all processes. See minijamba.distributed.
 """
 
 from __future__ import annotations
@@ -46,17 +47,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minijamba import checkpoint
+from minijamba import checkpoint, distributed
 from minijamba import tokenizer as tk
 from minijamba.config import LAYOUTS, PRESETS, JambaConfig
 from minijamba.data import IGNORE, MQARSpec, MQARTask, TextTask, bits_per_byte
 from minijamba.model import Jamba
 from minijamba.plots import plot_history
-from minijamba.runtime import check_training_fits, dist_info, peak_memory, resolve_device, scan_backend_for
+from minijamba.runtime import check_training_fits, dist_info, peak_memory, scan_backend_for
 
 TASKS = ("text", "mqar")
 # Fields a resumed run takes from the command line; all others come from the checkpoint.
-RUNTIME_FIELDS = ("time_budget", "device", "compile", "fast", "stop_after", "out_dir", "resume", "overwrite")
+RUNTIME_FIELDS = ("time_budget", "device", "compile", "fast", "stop_after", "out_dir", "resume", "overwrite",
+                  "checkpoint_activations")
 PLAN_AFTER = 10  # steps timed before estimating T from the time budget ...
 PLAN_SECONDS = 15.0  # ... and seconds (unless warmup ends first)
 DEFAULT_BATCH = {"text": 8, "mqar": 32}  # sequences per step; MQAR's are short and carry few targets
@@ -93,6 +95,7 @@ class TrainConfig:
     mqar_values: int = 32
     device: str = "auto"  # "auto" = cuda if available, else cpu
     compile: bool = False  # torch.compile the model
+    checkpoint_activations: bool = False  # recompute each decoder layer's activations in backward
     fast: bool = False  # the fastest available scan backend instead of the reference
     out_dir: str = "out/tiny"
     resume: bool = False
@@ -185,11 +188,6 @@ def build_task(cfg: TrainConfig, tokenizer=None):
     return TextTask.build(cfg.data, cfg.vocab_size, cfg.seq_len, cfg.seed, tok=tokenizer)
 
 
-def _wrap_model(model, cfg: TrainConfig):
-    """The model as the loop runs it. One process: itself. (Several: FSDP2's fully_shard goes here.)"""
-    return model
-
-
 @torch.no_grad()
 def evaluate(model, batches, token_nbytes, device, autocast) -> dict:
     """Validation: mean nats per target token, next-token accuracy, and bits per byte (text)."""
@@ -239,14 +237,16 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     """Run (or resume) the training run described by `cfg`; see the module docstring."""
     start = time.monotonic()
     cfg.validate()
+    device = distributed.setup(cfg.device)  # joins torchrun's process group when it started us
     rank, world = dist_info()
     main = rank == 0
     from tqdm import tqdm
 
     say = (log or tqdm.write) if main else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)
-    device = resolve_device(cfg.device)
 
+    if not main:  # rank 0 first: it alone puts back a checkpoint that a crash left half-swapped
+        distributed.barrier()
     ckpt = None
     if cfg.resume:
         ckpt = checkpoint.load(out_dir, training=True)
@@ -271,17 +271,22 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 f"{out_dir} already holds a checkpoint: pass --resume to continue it, --overwrite to "
                 f"start over, or another --out-dir"
             )
+    if main:
+        distributed.barrier()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     task = build_task(cfg, tokenizer=ckpt.tokenizer if ckpt else None)
+    if distributed.from_rank0(task.fingerprint()) != task.fingerprint():
+        raise ValueError("the processes built different training data: give every process the same --data")
     config = ckpt.config if ckpt else model_config(cfg, task)
     config.scan_backend = scan_backend_for(cfg.fast, cfg.compile)
     with torch.device("meta"):
         check_training_fits(Jamba(config).num_parameters(), device, world)
     torch.manual_seed(cfg.seed)
     model = Jamba(config).to(device)
+    model = distributed.prepare(model, device, cfg.checkpoint_activations)  # FSDP2 if several processes
     optimizer = make_optimizer(model, cfg)
     state = {
         "step": 0, "planned_steps": cfg.max_steps, "eval_interval": cfg.eval_interval, "tokens_seen": 0,
@@ -294,8 +299,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 f"the training data differ from those of the checkpoint in {out_dir} (another --data, "
                 f"or another Python's standard library): resume with the same data"
             )
-        checkpoint.load_model_state(model, ckpt.model_tensors, source=str(out_dir / checkpoint.MODEL))
-        checkpoint.load_optimizer_state(model, optimizer, ckpt.optimizer_tensors, ckpt.param_groups)
+        distributed.load_model_state(model, ckpt.model_tensors, source=str(out_dir / checkpoint.MODEL))
+        distributed.load_optimizer_state(model, optimizer, ckpt.optimizer_tensors, ckpt.param_groups)
         checkpoint.set_rng_state(ckpt.train_state.get("rng", {}))
         state.update({k: v for k, v in ckpt.train_state.items() if k != "rng"})
         say(
@@ -304,8 +309,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         )
     resumed_from = state["step"] if ckpt else None
 
-    net = _wrap_model(model, cfg)
-    net = torch.compile(net) if cfg.compile else net
+    net = torch.compile(model) if cfg.compile else model
     use_bf16 = device.type == "cuda"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     val = task.val_batches(cfg.batch_size, cfg.eval_batches)  # every process evaluates all of it
@@ -313,7 +317,9 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     say(f"model: {cfg.preset} {cfg.layout}, {config.describe()}, {model.num_parameters() / 1e6:.2f}M parameters "
         f"({model.num_parameters(active=True) / 1e6:.2f}M active), scan backend {config.scan_backend or 'default'}")  # fmt: skip
     say(f"data: {task.describe()}; batch {cfg.batch_size} x {task.seq_len} tokens; device {device}"
-        + (" (bf16 autocast)" if use_bf16 else " (fp32)"))  # fmt: skip
+        + (" (bf16 autocast)" if use_bf16 else " (fp32)")
+        + (f"; {world} processes, FSDP2" if world > 1 else "")
+        + ("; activation checkpointing" if cfg.checkpoint_activations else ""))  # fmt: skip
 
     plot_note = []
 
@@ -325,14 +331,15 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     def save(status):
         t = time.monotonic()
         state["status"] = status
-        tensors = checkpoint.model_state(model)
-        opt_tensors, groups = checkpoint.optimizer_state(model, optimizer)
+        tensors = distributed.model_state(model)  # sharded: gathered to rank 0 (every rank calls)
+        opt_tensors, groups = distributed.optimizer_state(model, optimizer)
         if main:
             checkpoint.save(
                 out_dir, model_tensors=tensors, optimizer_tensors=opt_tensors, param_groups=groups,
                 config=config, train_config=_jsonable(cfg), tokenizer=task.tokenizer,
                 train_state={**state, "rng": checkpoint.rng_state()}, plot=plot,
             )  # fmt: skip
+        distributed.barrier()  # the checkpoint is on disk before any process goes on
         return time.monotonic() - t
 
     def run_eval():
@@ -366,11 +373,14 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 status = "stopped"
                 break
-            if stop.set:
+            now = time.monotonic()
+            interrupted, over_budget = distributed.any_rank(  # every process stops at the same step
+                stop.set, budget_end is not None and now + eval_seconds + save_seconds > budget_end
+            )
+            if interrupted:
                 status = "interrupted"
                 break
-            now = time.monotonic()
-            if budget_end is not None and now + eval_seconds + save_seconds > budget_end:
+            if over_budget:
                 status = "budget"
                 break
             # One optimizer step.
@@ -383,7 +393,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             with autocast():
                 _, loss = net(x, targets=y)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = distributed.clip_grad_norm(model, cfg.grad_clip)  # over all shards
             loss_value = _mean_over_ranks(loss.detach(), world).item()
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 bar.close()
@@ -414,11 +424,14 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             timed = step - timed_from >= PLAN_AFTER and (
                 train_time >= PLAN_SECONDS or step >= cfg.warmup_steps
             )
-            if state["planned_steps"] is None and timed:
-                state["planned_steps"] = _plan(cfg, step, train_time / (step - timed_from), eval_seconds,
-                                               save_seconds, budget_end - time.monotonic())  # fmt: skip
-                bar.total = state["planned_steps"]
-                say(f"time budget {cfg.time_budget:.0f} s: planning {state['planned_steps']} steps")
+            if state["planned_steps"] is None:
+                planned = _plan(cfg, step, train_time / (step - timed_from), eval_seconds, save_seconds,
+                                budget_end - time.monotonic()) if timed else None  # fmt: skip
+                planned = distributed.from_rank0(planned)  # rank 0's clock: one schedule for all
+                if planned is not None:
+                    state["planned_steps"] = planned
+                    bar.total = state["planned_steps"]
+                    say(f"time budget {cfg.time_budget:.0f} s: planning {state['planned_steps']} steps")
             if state["eval_interval"] is None and state["planned_steps"] is not None:
                 state["eval_interval"] = max(1, state["planned_steps"] // EVALS_PER_RUN)
 
