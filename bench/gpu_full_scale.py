@@ -126,6 +126,9 @@ def run_context(model, context: int, args, device, reserve: int, decode_tokens: 
         "plan_activations_gib": p.activations_peak / GiB,
     }
     # The weights are on the device already: what is left must hold the state and the activations.
+    # Cached blocks of the previous context count as free: hand them back before asking.
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else p.weights_total
     free = available_bytes(device, reserve) + held
     if args.budget_gib:
