@@ -17,9 +17,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,27 @@ def test_gpu_fsdp_bench_runs_on_the_cpu(tmp_path):
     summaries = {r["model"]: r for r in rows if "fsdp_tokens_per_s" in r}
     assert summaries["8layer"]["efficiency_vs_single"] > 0
     assert summaries["block"]["speedup_vs_single"] == "1 GPU: does not fit"
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
+    """torchrun passes Ctrl-C (SIGINT) on to its processes; they agree on the step to stop at, gather
+    the state and write one checkpoint, which a single process then resumes."""
+    out = tmp_path / "run"
+    args = ["--task", "mqar", *TINY, "--max-steps", "100000", "--eval-interval", "2", "--out-dir", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "train_tiny.py")]
+    proc = subprocess.Popen(cmd + args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "train_state.json").exists():  # the first checkpoint: the loop is running
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "interrupted at step" in stdout, stderr[-3000:]
+    step = int(stdout.split("interrupted at step ")[1].split(":")[0])
+    state = read(out)["state"]
+    assert state["status"] == "interrupted" and state["step"] == step >= 2
+    one_process(["--resume", "--stop-after", str(step + 1), "--out-dir", str(out)])
+    assert read(out)["state"]["step"] == step + 1
