@@ -102,31 +102,45 @@ class MambaMixer(nn.Module):
         xs = torch.cat([context, xs], dim=-1)  # (b, d, k-1+l)
         if state is not None:
             state.conv.copy_(xs[:, :, xs.shape[-1] - (self.k - 1) :])
-        u = F.silu(F.conv1d(xs, self.conv1d.weight, self.conv1d.bias, groups=self.d))  # (b, d, l)
+        if l == 1:  # one output: a dot product per channel (F.conv1d's set-up costs ~50x more)
+            u = _last_conv_output(xs, self.conv1d.weight[:, 0], self.conv1d.bias)  # (b, d, 1)
+        else:
+            u = F.conv1d(xs, self.conv1d.weight, self.conv1d.bias, groups=self.d)  # (b, d, l)
+        u = F.silu(u)
         if mask is not None:
             u = u * mask[:, None, :]  # and must not enter the SSM state
 
         # Input-dependent Δ, B, C, each RMS-normalised (Jamba's change to Mamba).
         dt, B, C = torch.split(self.x_proj(rearrange(u, "b d l -> b l d")), [self.r, self.n, self.n], -1)
-        dt = self.dt_layernorm(dt)  # (b, l, r)
-        B = rearrange(self.b_layernorm(B), "b l n -> b n l")  # (b, n, l)
-        C = rearrange(self.c_layernorm(C), "b l n -> b n l")  # (b, n, l)
-        dt = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")  # bias goes to the scan
+        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)  # (b, l, r|n|n)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias is added inside the scan
         up = torch.promote_types(self.A_log.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
         A = -torch.exp(self.A_log.to(up))  # (d, n)
         D, dt_bias = self.D.to(up), self.dt_proj.bias.to(up)
 
         if state is not None and l == 1:  # decoding: one step of the recurrence
             y = scan.selective_state_update(
-                state.ssm, u[..., 0], dt[..., 0], A, B[..., 0], C[..., 0], D,
+                state.ssm, u[..., 0], dt[:, 0], A, B[:, 0], C[:, 0], D,
                 z=z[..., 0], dt_bias=dt_bias, dt_softplus=True,
             )[..., None]  # (b, d, 1)  # fmt: skip
-        else:
+        else:  # the scan takes mamba-ssm's layout: dt (b, d, l), B and C (b, n, l)
             initial = None if state is None else state.ssm
             y, last = scan.selective_scan(
-                u, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                u, rearrange(dt, "b l d -> b d l"), A, rearrange(B, "b l n -> b n l"),
+                rearrange(C, "b l n -> b n l"), D, z=z, delta_bias=dt_bias, delta_softplus=True,
                 return_last_state=True, initial_state=initial,
             )  # (b, d, l), (b, d, n)  # fmt: skip
             if state is not None:
                 state.ssm.copy_(last)
         return self.out_proj(rearrange(y, "b d l -> b l d").to(x.dtype))  # (b, l, h)
+
+
+def _last_conv_output(window: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The depthwise conv's output at the last position: window (b, d, k), taps w (d, k), bias (d,)
+    -> (b, d, 1). Rounded like F.conv1d (also under autocast): weights in the window's dtype,
+    products summed in float32 or wider, one rounding at the end."""
+    acc = torch.promote_types(window.dtype, torch.float32)
+    y = (window.to(acc) * w.to(window.dtype).to(acc)).sum(-1, keepdim=True)  # (b, d, 1)
+    if bias is not None:
+        y = y + bias.to(window.dtype).to(acc)[:, None]
+    return y.to(window.dtype)
