@@ -26,12 +26,12 @@ In `single` and `fsdp1` every GPU runs its own copy at the same time, so the 1-G
 from the same GPUs under the same conditions as the w-GPU number. Scaling efficiency =
 tokens/s on w GPUs / (w x tokens/s on 1); the issue's target is a speed-up of at least 1.8 on 2.
 
-Before each mode the memory plan (16 bytes per parameter, divided by the processes that share them,
-plus the largest FSDP unit's gathered bf16 parameters twice and its fp32 gradient) is compared
+Before each mode a memory plan (`plan_bytes`: 16 bytes per parameter for fp32 weights, gradients
+and AdamW moments, divided by the processes that share them, plus the working copies) is compared
 with the GPU's memory; a mode that cannot fit is reported as "does not fit" and not run (--force
 runs it anyway: an out-of-memory error then ends the run, since the other process would wait for
-it forever). The model is built on the meta device, sharded, then allocated: no process ever
-holds more than its shard plus one unit.
+it forever). The model is built on the meta device, sharded, then allocated, so no process ever
+holds more than its shards. Activations are not in the plan: the peak measured is in each row.
 
 Each result is printed as JSON (prefix RESULT) by rank 0 and appended to --out.
 """
@@ -93,18 +93,6 @@ def say(row: dict, out: Path | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a") as f:
             f.write(line + "\n")
-
-
-def gather(obj) -> list:
-    """`obj` from every process, in rank order (on the gloo control group: no GPU involved)."""
-    world = dist_info()[1]
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world
-    dist.all_gather_object(out, obj, group=distributed._control)
-    return out
 
 
 def sync(device: torch.device) -> None:
@@ -215,7 +203,7 @@ def measure(name: str, spec: dict, mode: str, args, device, mesh) -> dict:
         "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if device.type == "cuda" else None,
     }
-    every = gather(mine)
+    every = distributed.gather_objects(mine)
     if mode == "fsdp":  # one job over all processes: global tokens over the slowest process's time
         row["tokens_per_s"] = processes * tokens / max(e["step_s"] * args.steps for e in every)
     else:  # independent copies: the mean of the GPUs (each listed below)

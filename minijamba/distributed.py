@@ -154,6 +154,18 @@ def from_rank0(value):
     return box[0]
 
 
+def gather_objects(value) -> list:
+    """Every process's `value` (any picklable object), in rank order, on every process."""
+    world = dist_info()[1]
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, value, group=_control)
+    return out
+
+
 def barrier() -> None:
     if dist_info()[1] > 1:
         import torch.distributed as dist
