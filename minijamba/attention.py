@@ -61,6 +61,16 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             return self.o_proj(rearrange(out, "b q l e -> b l (q e)"))  # (b, l, h)
 
+        if state is not None and state.window is not None:  # a graph-ready decoding step (cuda_graph.py)
+            slot = state.end - 1  # (1,) this token's position, on the device
+            cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
+            cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
+            w = state.window  # a fixed number of key slots; `valid` is False at those not yet written
+            k, v = cache.k[:, :, :w].to(q.dtype), cache.v[:, :, :w].to(q.dtype)  # (b, g, w, e)
+            seen = state.valid[:, None, None, :w]  # (b, 1, 1, w): real tokens written so far
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=True)
+            return self.o_proj(rearrange(out, "b q l e -> b l (q e)"))  # (b, 1, h)
+
         end = l if state is None else state.length  # keys are positions [0, end)
         start = end - l  # the new tokens sit at [start, end)
         if cache is not None:

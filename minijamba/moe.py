@@ -108,7 +108,8 @@ class Experts(nn.Module):
         flat = experts.reshape(-1)  # (t*K,) expert of each assignment
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         token = order // K  # the token of each sorted assignment      (t*K,)
-        ends = torch.bincount(flat, minlength=n).cumsum(0).to(torch.int32)  # end of each group (n,)
+        counts = flat.new_zeros(n).scatter_add_(0, flat, torch.ones_like(flat))  # tokens per expert (n,)
+        ends = counts.cumsum(0).to(torch.int32)  # end of each group (n,); bincount on CUDA would sync
         xs = x[token]  # (t*K, h), expert 0's tokens first, then expert 1's, ...
         gate, up = _grouped_linear(xs, self.gate_up_proj, ends).chunk(2, dim=-1)  # (t*K, f) each
         ys = _grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # (t*K, h)
@@ -121,6 +122,8 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> tor
 
     `F.grouped_mm` does it in one call where it has a kernel (CPU; CUDA in bf16 with dims that are
     multiples of 16 bytes; no float64 kernel anywhere); elsewhere the same slices run one matmul each."""
+    if torch.is_autocast_enabled(x.device.type):  # as autocast does for a matmul: both in its dtype
+        x, w = x.to(torch.get_autocast_dtype(x.device.type)), w.to(torch.get_autocast_dtype(x.device.type))
     aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[1], w.shape[1]))
     kernel = x.dtype != torch.float64 and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
     if aligned and kernel and x.dtype == w.dtype:

@@ -96,6 +96,12 @@ class InferenceState:
         self.length = 0
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (b, s)
         self.padded = False  # whether any position seen so far is padding (attention then needs a mask)
+        # Graph-ready decoding (minijamba.cuda_graph): while `window` is set, a call is one decoding
+        # step whose position comes from the device tensor `end` ((1,) int64, `length` after this
+        # token) instead of the host's `length`, and attention reads a fixed `window` key slots, so
+        # that one captured CUDA graph serves every position. The caller then keeps `length` counted.
+        self.window: int | None = None
+        self.end: torch.Tensor | None = None
         self.layers: list[KVCache | MambaState] = []
         for shapes in _layer_shapes(config, batch_size, capacity):
             if "k" in shapes:
@@ -116,6 +122,11 @@ class InferenceState:
         padding: whether mask has any False, when the caller knows (None: read it from the mask,
         which waits for the device)."""
         l = mask.shape[1]
+        if self.window is not None:  # a graph-ready step: the position is read on the device
+            if l != 1:
+                raise ValueError(f"a graph-ready decoding step takes one token per row, got {l}")
+            self.valid.index_copy_(1, self.end - 1, mask)  # (b, 1) at column end - 1
+            return
         if self.length + l > self.capacity:
             raise ValueError(
                 f"the inference state holds {self.capacity} tokens and {self.length} are used: "

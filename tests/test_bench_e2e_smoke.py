@@ -1,0 +1,34 @@
+"""bench/gpu_e2e.py runs end to end on the CPU (--smoke: a toy config, transformers included), so that
+the script the GPU time is spent on cannot rot. Only what each row holds is checked, and the parity
+of the two implementations' logits: timings belong in bench/RESULTS.md, not in tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_e2e.py"
+
+
+def test_gpu_e2e_smoke(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("gpu_e2e", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "e2e.json"
+    bench.main(["--smoke", "--only", "fast", "transformers", "compile", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["impl"], r["measure"]): r for r in rows}
+    assert by[("minijamba vs transformers", "parity")]["logits_rel_err"] < 1e-5  # same weights, fp32
+    for impl in ("minijamba --fast", "transformers"):
+        for measure in ("train", "prefill 48", "prefill 96", "decode"):
+            assert by[(impl, measure)]["tok_s"] > 0, (impl, measure)
+    assert by[("minijamba --fast (no graph)", "decode")]["tok_s"] > 0
+    for impl in ("minijamba --fast", "minijamba triton+compile"):  # the graph-ready step == the eager one
+        assert by[(impl, "decode")]["vs_eager_step_rel_err"] < 1e-5
+    assert by[("minijamba triton+compile", "train")]["tok_s"] > 0
+    assert not [r for r in rows if "status" in r]  # nothing failed or skipped
+    assert "| minijamba --fast |" in capsys.readouterr().out
