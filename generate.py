@@ -76,7 +76,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--fast",
         action="store_true",
-        help="use the fastest selective-scan backend available here, else the reference",
+        help="use the fastest selective-scan backend available here, else the reference; on a GPU, "
+        "also replay each decoding step as one CUDA graph",
     )
     p.add_argument(
         "--int8-experts",
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             state = model.new_state(1, len(ids) + args.max_new_tokens)
             t0 = time.perf_counter()
             stream = generate_stream(model, x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                     generator=gen, state=state, prefill_chunk=args.prefill_chunk)  # fmt: skip
+                                     generator=gen, state=state, prefill_chunk=args.prefill_chunk,
+                                     cuda_graph=args.fast and device.type == "cuda")  # fmt: skip
             for token in stream:
                 total_tokens += 1
                 if stop is not None and int(token[0]) == stop:
