@@ -194,10 +194,11 @@ def checkpoint_layers(model: nn.Module) -> None:
         layer._checkpointed = True
 
 
-def shard(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
+def shard(model: nn.Module, device: torch.device, mesh=None, param_dtype=None) -> nn.Module:
     """FSDP2 over `mesh` (default: all processes): one unit per Mamba mixer and per decoder layer,
-    then the root. On GPUs, bf16 parameters for compute with fp32 gradient reduction, except the
-    Mamba mixers (fp32, see the docstring). In place; returns `model`."""
+    then the root. The units other than the Mamba mixers compute with `param_dtype` parameters and
+    reduce gradients in fp32 (default: bf16 on GPUs; on the CPU the parameters' own dtype); the
+    Mamba mixers always in their own dtype (see the docstring). In place; returns `model`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -205,9 +206,10 @@ def shard(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
 
     if mesh is None:
         mesh = init_device_mesh(device.type, (dist_info()[1],))
+    if param_dtype is None and device.type == "cuda":
+        param_dtype = torch.bfloat16
     fp32 = MixedPrecisionPolicy()  # parameters and reduction in their own dtype
-    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    policy = bf16 if device.type == "cuda" else fp32
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else fp32
     for layer in model.layers:
         if hasattr(layer, "mamba"):
             fully_shard(layer.mamba, mesh=mesh, mp_policy=fp32)  # inner unit first: A_log, D, Δ bias in fp32
