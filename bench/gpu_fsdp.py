@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "processes": world, "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-        "command": f"torchrun --nproc-per-node {world} bench/gpu_fsdp.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": (f"torchrun --nproc-per-node {world}" if distributed.launched_by_torchrun() else "python")
+        + " bench/gpu_fsdp.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "scan_backend": args.scan_backend, "steps": args.steps, "warmup": args.warmup,
     }, args.out)  # fmt: skip
 
