@@ -200,6 +200,18 @@ def build_transformers(args, sd, device, dtype):
     return model.to(device, dtype)
 
 
+def hf_prefill(model, ids):
+    """transformers' forward over a prompt, keeping its cache. transformers 5 makes the cache itself;
+    older versions return none unless handed their HybridMambaAttentionDynamicCache."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    if out.past_key_values is None:
+        import transformers.models.jamba.modeling_jamba as mj
+
+        cache = mj.HybridMambaAttentionDynamicCache(model.config, ids.shape[0], dtype=model.dtype, device=ids.device)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out
+
+
 def hf_kernels() -> dict:
     """What transformers' Jamba calls for each kernel it can take from a package: the function's
     module (mamba_ssm..., causal_conv1d...), or transformers' own PyTorch fallback."""
@@ -361,7 +373,7 @@ def prefill(run: Run, key: str, sd) -> None:
         @torch.inference_mode()
         def once(ids=ids, n=n):
             if key == "transformers":
-                return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+                return hf_prefill(model, ids).logits
             return model(ids, state=model.new_state(1, n), logits_to_keep=1)
 
         cleanup()
@@ -397,7 +409,7 @@ def decode(run: Run, key: str, sd) -> None:
         return time.perf_counter() - t0, token
 
     if key == "transformers":
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        out = hf_prefill(model, prompt)
         cache = out.past_key_values
 
         def step(t):

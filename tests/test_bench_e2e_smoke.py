@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_e2e.py"
 
 
 def test_gpu_e2e_smoke(tmp_path, capsys):
     pytest.importorskip("transformers")
+    torch.set_num_threads(1)  # tiny ops: one thread per test worker (see tests/helpers.py)
     spec = importlib.util.spec_from_file_location("gpu_e2e", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
