@@ -10,7 +10,7 @@ Glossary:
     g   key/value heads (num_key_value_heads); each serves q/g query heads (grouped-query attention)
     e   head size, h / q
 
-No positional encoding (no RoPE, no learned positions): the paper (section 6.3) trained Jamba with and
+No positional encoding (no RoPE, no learned positions): the paper (section 6.5) trained Jamba with and
 without RoPE and found no difference. The Mamba layers see tokens in order, and that order is
 enough: attention layers placed after them inherit position implicitly.
 
