@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minijamba import JambaConfig  # noqa: E402
+from minijamba.cuda_graph import DecodeStep  # noqa: E402
 from minijamba.generation import prefill  # noqa: E402
 from minijamba.materialize import build  # noqa: E402
 from minijamba.memory_plan import GiB, available_bytes, largest_context, plan  # noqa: E402
@@ -151,11 +152,16 @@ def run_context(model, context: int, args, device, reserve: int, decode_tokens: 
         row["prefill_s"] = time.perf_counter() - t0
         row["prefill_tok_s"] = context / row["prefill_s"]
         token = logits.argmax(-1)  # (1,)
+        # --cuda-graph: each step is a graph replay (captured during the warm-up steps).
+        step = DecodeStep(model, state) if args.cuda_graph else None
         for i in range(warmup + decode_tokens):
             if i == warmup:
                 sync(device)
                 t0 = time.perf_counter()
-            token = model(token[:, None], state=state, logits_to_keep=1)[:, -1].argmax(-1)
+            if step is not None:
+                token = step(token).argmax(-1)
+            else:
+                token = model(token[:, None], state=state, logits_to_keep=1)[:, -1].argmax(-1)
         sync(device)
         if decode_tokens:
             row["decode_tok_s"] = decode_tokens / (time.perf_counter() - t0)
@@ -221,6 +227,7 @@ def main(argv=None) -> None:
         help="act as if the GPU had this much memory (e.g. 80 on an H200: the allocator is capped too)",
     )
     parser.add_argument("--force", action="store_true", help="run contexts the plan refuses (records OOM)")
+    parser.add_argument("--cuda-graph", action="store_true", help="decode by CUDA graph replay (DecodeStep)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, every measurement")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args(argv)
@@ -255,6 +262,7 @@ def main(argv=None) -> None:
         "quantize": args.quantize,
         "scan_backend": args.scan_backend or "default",
         "budget_gib": args.budget_gib,
+        "cuda_graph": args.cuda_graph,
     }
     report(header, args.out)
 
