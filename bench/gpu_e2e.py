@@ -327,7 +327,11 @@ def train(run: Run, key: str, sd) -> None:
     args, device = run.args, run.device
     label, backend, compiled = IMPLS[key]
     s = SIZES["smoke" if args.smoke else "full"]
-    model = (build_transformers(args, sd, device, torch.float32) if key == "transformers"
+    # transformers' Jamba with mamba-ssm cannot train fp32 weights under bf16 autocast (its B/C reach
+    # the CUDA scan in fp32 next to a bf16 input: a dtype error), so it trains in pure bf16 weights:
+    # its best working setting, and a cheaper one (half the weight and optimizer traffic).
+    dtype = torch.bfloat16 if key == "transformers" and device.type == "cuda" else torch.float32
+    model = (build_transformers(args, sd, device, dtype) if key == "transformers"
              else build_minijamba(args, sd, device, backend, torch.float32)).train()  # fmt: skip
     net = torch.compile(model, **compile_options(args)) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
