@@ -21,7 +21,7 @@ three implementations:
     mamba.py       `mambapy.jamba.JambaLM` with its parallel scan (pscan=True)
 
 Usage:
-    python bench/cpu_vs_transformers.py                       # all configs, all three, ~20 min
+    python bench/cpu_vs_transformers.py                       # all configs, all three, ~10-15 min
     python bench/cpu_vs_transformers.py --configs 8.5m --only minijamba mambapy
 Results go to bench/cpu_vs_transformers.json and a markdown table to bench/cpu_vs_transformers.md.
 """
