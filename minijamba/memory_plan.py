@@ -107,8 +107,13 @@ class MemoryPlan:
         return self.weights_total + self.state["total"] + self.activations_peak
 
     def __str__(self) -> str:
+        # One unit for the whole table, the one that shows the total best (GiB at full scale, MiB or
+        # KiB for a tiny model, whose rows would otherwise all read 0.00).
+        unit, scale = next((u, 2**p) for u, p in (("GiB", 30), ("MiB", 20), ("KiB", 10), ("B", 0))
+                           if self.total >= 2**p or p == 0)  # fmt: skip
+
         def row(name, nbytes, note=""):
-            return f"  {name:<28}{nbytes / GiB:>10.2f} GiB  {note}".rstrip()
+            return f"  {name:<28}{nbytes / scale:>10.2f} {unit}  {note}".rstrip()
 
         c = self.config
         lines = [

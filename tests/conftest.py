@@ -7,6 +7,28 @@ so it is set here, before collection, rather than in the test files that need it
 
 import os
 import shutil
+import textwrap
+from pathlib import Path
 
 if not shutil.which("nvidia-smi") and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run fastest on one thread, and two test workers share two cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small real Python source file to train on."""
+    path = tmp_path_factory.mktemp("data") / "sample.py"
+    path.write_text(Path(textwrap.__file__).read_text(encoding="utf-8"))
+    return path

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -44,21 +43,6 @@ def script(name: str):
 
 
 train_tiny, generate = script("train_tiny"), script("generate")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "sample.py"
-    path.write_text(Path(textwrap.__file__).read_text(encoding="utf-8"))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -60,14 +60,6 @@ def one_process(args: list[str]) -> None:
     assert module.main(args) == 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def read(out_dir: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from helpers import gen
 from minijamba import Jamba, JambaConfig, generate, load_hf, save_hf
 from minijamba.materialize import build, meta_model, pieces
-from minijamba.quant import Int8Experts, quantize_model_, quantize_rows
+from minijamba.quant import Int8Experts, quantize_model_
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,22 +22,6 @@ TINY = dict(
     hidden_size=16, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
     num_experts=2, mamba_d_state=4, mamba_dt_rank=2,
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread, and two test workers share two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "sample.py"
-    path.write_text(Path(textwrap.__file__).read_text(encoding="utf-8"))
-    return path
 
 
 def config(text_file, out_dir, **kw) -> TrainConfig:
