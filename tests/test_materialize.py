@@ -158,6 +158,7 @@ BIG = dict(
     expert_layer_period=2, expert_layer_offset=1, mamba_dt_rank=32,
 )  # fmt: skip  # 2 MoE layers of 16 experts: 50M expert parameters, 201 MB in float32
 MB = 2**20
+FLOAT_EXPERTS = 2 * 16 * 3 * 512 * 1024 * 4  # bytes of BIG's float32 experts (201 MB)
 
 
 def _measure(*args) -> dict:
@@ -194,18 +195,20 @@ def test_shard_by_shard_loading_keeps_host_memory_near_one_shard(big_checkpoint)
 
 def test_int8_loading_never_holds_the_float_experts(big_checkpoint):
     """With quantize='int8' the 201 MB of float32 experts are quantized tensor by tensor: the process
-    peaks near the int8 model (83 MB) plus a shard, far below the float model. Measured when
-    written: 20 MB on top of the int8 model."""
+    peaks near the int8 model (83 MB) plus a shard, far below the float model. Measured: 20-33 MB
+    on top of the int8 model on the development machine, 40 MB on a fresh CI install (allocator slack
+    varies); a float copy of the experts would add 201 MB. The bound sits halfway: FLOAT_EXPERTS / 2."""
     m = _measure("load", big_checkpoint, "int8")
     assert m["model"] < 100 * MB
     extra = m["peak"] - m["base"] - m["model"]
-    assert extra < 2 * 8 * MB + 24 * MB, f"loader held {extra / MB:.0f} MB on top of the int8 model"
+    assert extra < FLOAT_EXPERTS / 2, f"loader held {extra / MB:.0f} MB on top of the int8 model"
 
 
 def test_int8_build_never_holds_the_float_experts():
     """Random int8 experts are drawn one expert at a time (6 MB of float32 for these sizes), never all
-    201 MB of them. Measured when written: 26 MB on top of the int8 model."""
+    201 MB of them. Measured: 26 MB on top of the int8 model on the development machine, 52 MB on a
+    fresh CI install (allocator slack varies); the bound sits halfway to a float copy: FLOAT_EXPERTS / 2."""
     m = _measure("build", json.dumps(BIG))
     assert m["model"] < 100 * MB
     extra = m["peak"] - m["base"] - m["model"]
-    assert extra < 40 * MB, f"build held {extra / MB:.0f} MB on top of the int8 model"
+    assert extra < FLOAT_EXPERTS / 2, f"build held {extra / MB:.0f} MB on top of the int8 model"
