@@ -7,7 +7,9 @@ Under torchrun (several processes), `dist_info` reports this process's rank and 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import torch
 
@@ -77,3 +79,25 @@ def check_training_fits(num_parameters: int, device: torch.device, world_size: i
             f"(fp32 weights, gradients, two moments) and this {device.type} has {have / 2**30:,.0f} GiB: "
             f"choose a smaller --preset or --override smaller sizes"
         )
+
+
+class StopFlag:
+    """Ctrl-C sets a flag that the loop checks after each step; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)

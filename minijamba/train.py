@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +51,8 @@ from minijamba.config import LAYOUTS, PRESETS, JambaConfig
 from minijamba.data import IGNORE, MQARSpec, MQARTask, TextTask, bits_per_byte
 from minijamba.model import Jamba
 from minijamba.plots import plot_history
-from minijamba.runtime import check_training_fits, dist_info, peak_memory, scan_backend_for
+from minijamba.runtime import StopFlag, check_training_fits, dist_info, peak_memory, scan_backend_for
+from minijamba.schedule import EVALS_PER_RUN, lr_at, plan_steps, time_left
 
 TASKS = ("text", "mqar")
 # Fields a resumed run takes from the command line; all others come from the checkpoint.
@@ -62,7 +61,6 @@ RUNTIME_FIELDS = ("time_budget", "device", "compile", "fast", "stop_after", "out
 PLAN_AFTER = 10  # steps timed before estimating T from the time budget ...
 PLAN_SECONDS = 15.0  # ... and seconds (unless warmup ends first)
 DEFAULT_BATCH = {"text": 8, "mqar": 32}  # sequences per step; MQAR's are short and carry few targets
-EVALS_PER_RUN = 10  # validation points when eval_interval is left to the loop
 
 
 @dataclass
@@ -163,16 +161,6 @@ def model_config(cfg: TrainConfig, task) -> JambaConfig:
     return JambaConfig.from_preset(cfg.preset, **overrides).with_layout(cfg.layout)
 
 
-def lr_at(step: int, cfg: TrainConfig, planned: int | None) -> float:
-    """Learning rate for the update that follows `step` completed steps: warmup, then cosine."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if planned is None:
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, planned - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only (not on norms, biases, A_log or D)."""
     decay, no_decay = [], []
@@ -208,28 +196,6 @@ def evaluate(model, batches, token_nbytes, device, autocast) -> dict:
     if token_nbytes is not None:
         out["bits_per_byte"] = bits_per_byte(nats, nbytes)
     return out
-
-
-class _StopFlag:
-    """Ctrl-C sets a flag that the loop checks after each step; a second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.set = False
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -363,7 +329,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     bar = tqdm(total=state["planned_steps"], initial=state["step"], unit="step", disable=not main,
                dynamic_ncols=True, mininterval=0.5, file=sys.stderr)  # fmt: skip
     status, ema = "done", None
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         model.train()
         while True:
             step = state["step"]
@@ -425,7 +391,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 train_time >= PLAN_SECONDS or step >= cfg.warmup_steps
             )
             if state["planned_steps"] is None:
-                planned = _plan(cfg, step, train_time / (step - timed_from), eval_seconds, save_seconds,
+                planned = plan_steps(cfg, step, train_time / (step - timed_from), eval_seconds, save_seconds,
                                 budget_end - time.monotonic()) if timed else None  # fmt: skip
                 planned = distributed.from_rank0(planned)  # rank 0's clock: one schedule for all
                 if planned is not None:
@@ -436,7 +402,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 state["eval_interval"] = max(1, state["planned_steps"] // EVALS_PER_RUN)
 
             tok_s = train_tokens / train_time if train_time else 0.0
-            left = _time_left(state, step, train_time, train_tokens, tokens_per_step, budget_end)
+            left = time_left(state, step, train_time, train_tokens, tokens_per_step, budget_end)
             bar.set_postfix_str(f"loss {ema:.3f}, {tok_s:,.0f} tok/s, {left} left", refresh=False)
             bar.update(1)
 
@@ -467,31 +433,6 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     tokens_per_s = train_tokens / train_time if train_time else 0.0
     return TrainResult(status, state["step"], state["planned_steps"], metrics, tokens_per_s, peak_memory(device),
                        str(out_dir), resumed_from)  # fmt: skip
-
-
-def _plan(cfg, step, step_seconds, eval_seconds, save_seconds, remaining) -> int:
-    """T such that the remaining steps, their validations and checkpoints fit in the budget."""
-    if cfg.eval_interval:
-        per_step = step_seconds + (eval_seconds + save_seconds) / cfg.eval_interval
-        remaining_steps = 0.93 * (remaining - eval_seconds - save_seconds) / per_step
-    else:
-        remaining_steps = (
-            0.93 * (remaining - (EVALS_PER_RUN + 1) * (eval_seconds + save_seconds)) / step_seconds
-        )
-    return max(step + 1, 2 * cfg.warmup_steps, step + int(remaining_steps))
-
-
-def _time_left(state, step, train_time, train_tokens, tokens_per_step, budget_end) -> str:
-    left = None
-    if state["planned_steps"] and train_tokens:
-        left = (state["planned_steps"] - step) * train_time / (train_tokens / tokens_per_step)
-    if budget_end is not None:
-        b = max(0.0, budget_end - time.monotonic())
-        left = b if left is None else min(left, b)
-    if left is None:
-        return "?"
-    m, s = divmod(int(left), 60)
-    return f"{m}:{s:02d}"
 
 
 def _mean_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
