@@ -49,6 +49,18 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def mamba_sizes(draw) -> dict:
+    """Random Mamba-layer sizes (N, conv width, expand, Δ rank) and biases, as JambaConfig fields."""
+    return dict(
+        mamba_d_state=draw(st.integers(1, 4)),
+        mamba_d_conv=draw(st.integers(1, 4)),
+        mamba_expand=draw(st.integers(1, 2)),
+        mamba_dt_rank=draw(st.integers(1, 3)),
+        mamba_conv_bias=draw(st.booleans()),
+        mamba_proj_bias=draw(st.booleans()),
+    )
+
+
 @st.composite
 def small_configs(draw, layout: str | None = None, moe: bool | None = None, **fixed) -> JambaConfig:
     """A random tiny but complete JambaConfig: any period/offset layout, GQA ratio, experts, sizes.
@@ -81,12 +93,7 @@ def small_configs(draw, layout: str | None = None, moe: bool | None = None, **fi
         num_experts_per_tok=draw(st.integers(1, n)),
         expert_layer_period=e_period,
         expert_layer_offset=e_offset,
-        mamba_d_state=draw(st.integers(1, 4)),
-        mamba_d_conv=draw(st.integers(1, 4)),
-        mamba_expand=draw(st.integers(1, 2)),
-        mamba_dt_rank=draw(st.integers(1, 3)),
-        mamba_conv_bias=draw(st.booleans()),
-        mamba_proj_bias=draw(st.booleans()),
+        **mamba_sizes(draw),
         tie_word_embeddings=draw(st.booleans()),
         router_aux_loss_coef=draw(st.sampled_from([0.0, 0.01, 0.5])),
         initializer_range=0.3,  # large enough that every layer visibly changes the logits

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import MODEL_RTOL, assert_close, float_dtypes, gen, seeds
+from helpers import MODEL_RTOL, assert_close, float_dtypes, gen, mamba_sizes, seeds
 from minijamba import JambaConfig
 from minijamba.mamba import MambaMixer
 from minijamba.ssm import selective_scan_sequential
@@ -22,12 +22,7 @@ def mixers(draw, dtype=None):
         hidden_size=draw(st.integers(1, 6)),
         num_attention_heads=1,
         num_key_value_heads=1,
-        mamba_d_state=draw(st.integers(1, 4)),
-        mamba_d_conv=draw(st.integers(1, 4)),
-        mamba_expand=draw(st.integers(1, 2)),
-        mamba_dt_rank=draw(st.integers(1, 3)),
-        mamba_conv_bias=draw(st.booleans()),
-        mamba_proj_bias=draw(st.booleans()),
+        **mamba_sizes(draw),
     )
     dtype = dtype or draw(float_dtypes)
     torch.manual_seed(draw(seeds))
