@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
                 print(f"note: {flags} ignored: a resumed run keeps the settings it was started with")
         result = train(cfg)
+        # Leave the process group together: a gloo peer torn down while the other is still in it
+        # can abort the other at exit ("terminate called without an active exception").
+        distributed.barrier()
     except NonFiniteLoss as e:
         err(e)
         return 1
