@@ -92,6 +92,24 @@ def timed(fn, rep_ms):
     return ms
 
 
+def add_backend_from_file(name, path):
+    """Register another copy of triton_scan.py (its own CONFIG and kernels) as a scan backend."""
+    import importlib.util
+
+    import tempfile
+
+    # its custom ops get a namespace of their own (torch.library allows one definition per name)
+    src = Path(path).read_text().replace('"minijamba::', f'"minijamba_{name}::')
+    src = src.replace("torch.ops.minijamba.", f"torch.ops.minijamba_{name}.")
+    copy = Path(tempfile.mkdtemp()) / f"scan_{name}.py"
+    copy.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"scan_{name}", copy)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    backends._CACHE[name] = backends.Backend(name, mod.selective_scan, mod.selective_state_update,
+                                             *backends.get("reference")[3:])  # fmt: skip
+
+
 def check(names, b, d, n, l, log):
     """Every backend against every other on the same inputs: y and all eight gradients."""
     x = make_inputs(b, d, n, l, seed=1)
@@ -135,12 +153,13 @@ def cache_keys(jitfn):
         return set()
 
 
-FWD_TILES = [(8, 8, 4, 4, 4), (16, 8, 2, 4, 4), (32, 8, 1, 4, 4), (8, 8, 1, 4, 1), (4, 8, 8, 4, 4)]
-BWD_TILES = [(8, 8, 4, 4, 4), (16, 8, 2, 4, 4), (4, 4, 4, 8, 1), (8, 8, 1, 4, 1), (16, 8, 1, 8, 4)]
+# (TI steps per thread, warps); TT = 32 threads x warps.
+FWD_TILES = [(8, 1), (4, 1), (16, 1), (8, 2), (8, 4), (4, 2)]
+BWD_TILES = [(4, 1), (8, 1), (2, 1), (4, 2), (4, 4), (8, 2)]
 
 
-def tile(bd, ti, tl_, nl, w):
-    return dict(BD=bd, TI=ti, TL=tl_, NL=nl, num_warps=w)
+def tile(ti, w):
+    return dict(TI=ti, TT=32 * w, num_warps=w)
 
 
 def sweep(b, d, n, l, log):
@@ -158,7 +177,7 @@ def sweep(b, d, n, l, log):
         except Exception as e:
             log(f"  sweep fwd {cand}: failed {type(e).__name__}: {str(e)[:200]}")
             continue
-        log(f"  sweep fwd (BD, TI, TL, NL, warps)={cand}: {fwd[cand]:8.3f} ms  regs/spills {kernel_report(triton_scan._fwd_kernel, before)}")
+        log(f"  sweep fwd (TI, warps)={cand}: {fwd[cand]:8.3f} ms  regs/spills {kernel_report(triton_scan._fwd_kernel, before)}")
     for cand in BWD_TILES:
         triton_scan.CONFIG["fwd_train"] = triton_scan.CONFIG["bwd"] = tile(*cand)
         before = cache_keys(triton_scan._bwd_kernel)
@@ -168,10 +187,10 @@ def sweep(b, d, n, l, log):
         except Exception as e:
             log(f"  sweep bwd {cand}: failed {type(e).__name__}: {str(e)[:200]}")
             continue
-        log(f"  sweep bwd (BD, TI, TL, NL, warps)={cand}: {bwd[cand]:8.3f} ms  regs/spills {kernel_report(triton_scan._bwd_kernel, before)}")
+        log(f"  sweep bwd (TI, warps)={cand}: {bwd[cand]:8.3f} ms  regs/spills {kernel_report(triton_scan._bwd_kernel, before)}")
     best_f, best_b = min(fwd, key=fwd.get), min(bwd, key=bwd.get)
     # The forward before a backward must chunk like the backward: the fastest forward with that chunk.
-    same_t = [c for c in fwd if c[1] * c[2] == best_b[1] * best_b[2]]
+    same_t = [c for c in fwd if c[0] * c[1] == best_b[0] * best_b[1]]
     best_ft = min(same_t, key=fwd.get) if same_t else best_b
     triton_scan.CONFIG.update(fwd=tile(*best_f), fwd_train=tile(*best_ft), bwd=tile(*best_b))
     log(f"  sweep chose CONFIG = {triton_scan.CONFIG}")
@@ -257,10 +276,13 @@ def main():
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--b", type=int, default=1)
     ap.add_argument("--backends", default="triton,mamba_ssm,reference")
-    ap.add_argument("--sweep", action="store_true", help="first try the Triton launch shapes at l=8K")
+    ap.add_argument("--sweep", action="store_true", help="first try the Triton launch shapes")
+    ap.add_argument("--sweep-length", type=int, default=8192, help="the sequence length of the sweep")
     ap.add_argument("--compile-check", action="store_true", help="also check torch.compile(fullgraph=True)")
     ap.add_argument("--check-lengths", default="2048,32768", help="lengths for the cross-backend check")
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"), help="folder for results.json")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH",
+                    help="also time another version of triton_scan.py (e.g. the previous one) as backend NAME")
     args = ap.parse_args()
     lines = []
 
@@ -268,7 +290,10 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
-    names = [nm for nm in args.backends.split(",") if backends.why_unavailable(nm) is None]
+    for spec in args.extra:  # NAME=PATH: another version of triton_scan.py, timed beside ours
+        name, path = spec.split("=", 1)
+        add_backend_from_file(name, path)
+    names = [nm for nm in args.backends.split(",") if nm in backends._CACHE or backends.why_unavailable(nm) is None]
     for nm in set(args.backends.split(",")) - set(names):
         log(f"skipping {nm}: {backends.why_unavailable(nm)}")
     b, d, n = args.b, args.d, args.n
@@ -279,7 +304,7 @@ def main():
     if args.compile_check:
         compile_check(log)
     if args.sweep and "triton" in names:
-        sweep(b, d, n, 8192, log)
+        sweep(b, d, n, args.sweep_length, log)
     for l in map(int, args.check_lengths.split(",")):
         check([nm for nm in names if nm != "reference" or l <= 8192], b, d, n, l, log)
 

@@ -50,9 +50,9 @@ def _small_launches_in_the_interpreter():
     if not triton_scan._interpreting():
         pytest.skip("triton_scan was imported before TRITON_INTERPRET=1 was set in this process")
     saved = dict(triton_scan.CONFIG)
-    small = dict(BD=2, TI=2, TL=2, NL=2, num_warps=1)  # chunks of 4 steps, 2 channels a program
+    small = dict(TI=2, TT=2, num_warps=1)  # chunks of 4 steps: 2 threads of 2 steps
     triton_scan.CONFIG.update(
-        fwd=dict(small, TL=4), fwd_train=small, bwd=small, step=dict(BD=4, num_warps=1)
+        fwd=dict(small, TT=4), fwd_train=small, bwd=small, step=dict(BD=4, num_warps=1)
     )
     yield
     triton_scan.CONFIG.update(saved)

@@ -8,38 +8,36 @@ Glossary (as in `minijamba.ssm`, whose functions these replace and whose results
     n   state size                D, bias   (d,)        the skip and the Δ bias
                                   h         (b, d, n)   the state, always float32
 
-One program owns BD channels of one sequence, with all their n states, and walks the sequence in
-chunks of T = TI * TL steps, carrying the state h from chunk to chunk. Each input is read once and
-each output written once: the scan is bound by memory traffic and by arithmetic, not by structure.
+One program owns one channel of one sequence and walks the sequence in chunks of T = TI * TT
+steps. Inside a chunk it takes the n states one after another, and for each state scans the
+chunk's T steps. This is how mamba-ssm's CUDA kernel lays the work out, written in Triton: the
+inputs of a step (u, Δ, z) are read once per chunk and stay in registers over the state loop; B_n
+and C_n are read once per state (from the L2 cache: every channel reads them).
 
-How a chunk is laid out (the part that decides the speed). A chunk is a register tile of every
-(step, state, channel) triple, shaped (TI, NQ, BD, TL, NL) with
+How a chunk's steps are laid out (what decides the speed). A chunk is a (TI, TT) register tile:
 
-    step  t = j * TI + i     i < TI: consecutive steps held by one thread (a "run")
-                             j < TL: the runs, one per lane
-    state n = q * NL + m     q < NQ: states held by one thread;  m < NL: spread over lanes
+    step  t = j * TI + i      i < TI: consecutive steps held by one thread (a "run")
+                              j < TT: the runs, one per thread (TT = 32 lanes x num_warps)
 
-Triton spreads a tile's last dimensions over the 32 lanes of a warp and then over the warps, and
-keeps the leading ones inside each thread, so this order puts NL x TL x (part of BD) on the lanes, the
-rest of BD on the warps, and TI x NQ values in each thread. Then:
+so the recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t runs as a plain loop inside each thread
+over its run, and only each run's composite crosses threads, in one short scan over the TT runs.
+The sums over the states (y_t = C_t · h_t and, in the backward pass, the sums behind du and dΔ)
+are running sums over the state loop, inside each thread: no data moves between threads for them.
 
-  - the recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t runs sequentially inside each thread over
-    its run of TI steps (`tl.associative_scan` along a dimension that lives in one thread is a
-    plain loop); only each run's composite crosses lanes, in a short scan over the TL runs;
-  - y_t = C_t · h_t sums NQ states inside the thread and NL across lanes: few shuffles.
+The state loop is a loop, not unrolled: unrolled, the compiler keeps all n states' B and C
+addresses live at once, and a backward program needs 255 registers and spills. Each state's
+inputs are loaded one state ahead. Between chunks, each state's carry (h for the forward, the
+gradient for the backward) waits in a small float32 buffer, written and read by the one thread
+that needs it, with a barrier at each chunk's start.
 
-(A tile shaped (BD, n, T) instead puts the 32 lanes on T: every step of the scan then crosses
-lanes, and the compiled forward spends about 17 shuffles and 60 instructions per element instead of
-2 and 25; see bench/RESULTS.md.)
-
-The backward pass walks the chunks in reverse. For each chunk it recomputes h from the state the
-forward pass saved at the chunk's start (one (BD, n) tile per chunk, far less than the (b, l, d, n)
-a naive autograd would keep), then runs the gradient recurrence backwards in time,
+The backward pass walks the chunks in reverse. For each chunk and state it recomputes h from the
+state the forward pass saved at the chunk's start (one float per (chunk, channel, state), far less
+than the (b, l, d, n) a naive autograd would keep), then runs the gradient recurrence backwards,
 
     g_t = dL/dh_t = C_t dy_t + exp(Δ_{t+1} A) g_{t+1},
 
-with the same run-and-lanes split, and reads every gradient off g (derivation at `_bwd_kernel`).
-dB and dC sum over channels of many programs: each program adds its share atomically.
+with the same run-and-threads split, and reads every gradient off g (derivation at `_bwd_kernel`).
+dB and dC sum over channels, that is over programs: each program adds its share atomically.
 
 All arithmetic is float32 whatever the input dtype (bf16, fp16, fp32); outputs take the input dtypes.
 The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break),
@@ -58,15 +56,15 @@ from torch.library import triton_op, wrap_triton
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x log2 e): exp2 is the GPU's instruction
 
-# Launch shapes: the tile (BD, TI, TL, NL) and the warps of each kernel. "fwd" is the forward
-# without gradients; "fwd_train" the forward before a backward pass (it saves one state per chunk,
-# so its chunk TI * TL must equal "bwd"'s); "step" the decoding step. BD should be
-# (32 / (TL * NL)) * num_warps so that the lanes and warps fill exactly. These are the fastest of
-# bench/gpu_scan.py --sweep on an H100 at b=1, d=4096, n=16, l=8K (bench/RESULTS.md).
+# Launch shapes: steps per thread (TI), threads per program (TT = 32 x num_warps on a GPU) and warps.
+# "fwd" is the forward without gradients; "fwd_train" the forward before a backward pass (it saves
+# the state entering each chunk, so its chunk TI * TT must equal "bwd"'s); "step" the decoding step.
+# The fastest of bench/gpu_scan.py --sweep on an H200 at l=2K (b=1, d=4096 and b=4, d=2048) and
+# l=8K (bench/RESULTS.md). TI = 8 bf16 values are one 16-byte load per thread.
 CONFIG = {
-    "fwd": dict(BD=8, TI=8, TL=4, NL=4, num_warps=4),
-    "fwd_train": dict(BD=16, TI=8, TL=2, NL=4, num_warps=4),
-    "bwd": dict(BD=4, TI=4, TL=4, NL=8, num_warps=1),
+    "fwd": dict(TI=8, TT=64, num_warps=2),
+    "fwd_train": dict(TI=8, TT=32, num_warps=1),
+    "bwd": dict(TI=8, TT=32, num_warps=1),
     "step": dict(BD=64, num_warps=4),
 }
 
@@ -117,50 +115,30 @@ def _delta(x, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _dt5(x):
-    """A per-(step, channel) tile (TI, BD, TL) as (TI, 1, BD, TL, 1)."""
-    return x[:, None, :, :, None]
+def _row(x, i, k: tl.constexpr):
+    """Row k of a (TI, TT) tile, (TT,): one register of each thread (the select folds away)."""
+    return tl.sum(tl.where(i == k, x, 0.0), axis=0)
 
 
 @triton.jit
-def _nt5(x):
-    """A per-(step, state) tile (TI, NQ, TL, NL) as (TI, NQ, 1, TL, NL)."""
-    return x[:, :, None, :, :]
+def _chunk_states(a, x, h_in, TI: tl.constexpr, TT: tl.constexpr):
+    """h_t at every step of a chunk for one state, from the maps h -> a_t h + x_t and the state
+    h_in entering the chunk. a, x (TI, TT); h_in a scalar or (TT,), of which thread 0's is used.
 
-
-@triton.jit
-def _dn5(x):
-    """A per-(channel, state) tile (NQ, BD, NL) as (1, NQ, BD, 1, NL)."""
-    return x[None, :, :, None, :]
-
-
-@triton.jit
-def _sum_n(x):
-    """Σ over the states of a (TI, NQ, BD, TL, NL) tile -> (TI, BD, TL): first the NQ states inside
-    each thread, then the NL lanes (the other order would shuffle NQ times as much)."""
-    return tl.sum(tl.sum(x, axis=1), axis=3)
-
-
-@triton.jit
-def _chunk_states(dA, dBu, h, TI: tl.constexpr, TL: tl.constexpr):
-    """h_t at every step of a chunk, from the per-step maps h -> dA h + dBu and the entering state.
-
-    dA, dBu (TI, NQ, BD, TL, NL); h (NQ, BD, NL). Returns hs (TI, NQ, BD, TL, NL) and the state
-    at the chunk's end (NQ, BD, NL)."""
-    i = tl.arange(0, TI)[:, None, None, None, None]
-    j = tl.arange(0, TL)[None, None, :, None]
+    Returns hs (TI, TT) and a (TT,) vector whose thread 0 holds the state at the chunk's end."""
+    i = tl.arange(0, TI)[:, None]
+    j = tl.arange(0, TT)
     # 1. inside each thread: prefix compositions over its run of TI steps (a plain loop)
-    Ar, Xr = tl.associative_scan((dA, dBu), axis=0, combine_fn=_scan_combine)
-    # 2. each run's composite (its last prefix), then prefixes over the TL runs, across lanes
-    Aj = tl.sum(tl.where(i == TI - 1, Ar, 0.0), axis=0)  # (NQ, BD, TL, NL)
-    Xj = tl.sum(tl.where(i == TI - 1, Xr, 0.0), axis=0)
-    Ac, Xc = tl.associative_scan((Aj, Xj), axis=2, combine_fn=_scan_combine)
-    h_end = Ac * h[:, :, None, :] + Xc  # the state at the end of each run      (NQ, BD, TL, NL)
-    # 3. the state entering run j is the one leaving run j - 1 (h itself for the first run)
-    prev = tl.maximum(j - 1, 0) + tl.zeros(h_end.shape, dtype=tl.int32)
-    h_in = tl.where(j == 0, h[:, :, None, :], tl.gather(h_end, prev, axis=2))
-    hs = Ar * h_in[None] + Xr
-    return hs, tl.sum(tl.where(j == TL - 1, h_end, 0.0), axis=2)
+    Ap, Xp = tl.associative_scan((a, x), axis=0, combine_fn=_scan_combine)
+    # 2. each run's composite, with the entering state folded into the first run: h -> A h + X
+    A_run, X_run = _row(Ap, i, TI - 1), _row(Xp, i, TI - 1)  # (TT,)
+    X_run = tl.where(j == 0, A_run * h_in + X_run, X_run)
+    _, h_end = tl.associative_scan((A_run, X_run), axis=0, combine_fn=_scan_combine)  # across threads
+    # 3. the state entering run j is the one leaving run j - 1; thread 0 receives the last one,
+    #    the chunk's end state, which is what the next chunk needs there
+    h_prev = tl.gather(h_end, (j + TT - 1) % TT, axis=0)
+    h_run = tl.where(j == 0, h_in, h_prev)  # (TT,)
+    return Ap * h_run[None, :] + Xp, h_prev
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -170,65 +148,65 @@ def _chunk_states(dA, dBu, h, TI: tl.constexpr, TL: tl.constexpr):
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,  # inputs
     out_ptr, hlast_ptr, hsave_ptr,  # outputs: y (b, d, l), last state (b, d, n), chunk starts
-    dim, L, dstate,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE: tl.constexpr,
-    NP: tl.constexpr, BD: tl.constexpr, TI: tl.constexpr, TL: tl.constexpr, NL: tl.constexpr,
+    dim, L,
+    N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
+    TI: tl.constexpr, TT: tl.constexpr,
 ):  # fmt: skip
-    NQ: tl.constexpr = NP // NL
-    T: tl.constexpr = TI * TL
+    T: tl.constexpr = TI * TT
+    pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    rd = tl.program_id(0) * BD + tl.arange(0, BD)  # this program's channels (BD,)
-    # Index tiles. Per (step, channel): (TI, BD, TL). Per (step, state): (TI, NQ, TL, NL).
-    # Per (channel, state): (NQ, BD, NL). Padded states (n >= dstate) have A = B = C = 0: no effect.
-    i3, d3, j3 = tl.arange(0, TI)[:, None, None], rd[None, :, None], tl.arange(0, TL)[None, None, :]
-    i4, q4 = tl.arange(0, TI)[:, None, None, None], tl.arange(0, NQ)[None, :, None, None]
-    j4, m4 = tl.arange(0, TL)[None, None, :, None], tl.arange(0, NL)[None, None, None, :]
-    n4 = q4 * NL + m4
-    n3 = tl.arange(0, NQ)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # (NQ, 1, NL)
-    dn = rd[None, :, None]  # (1, BD, 1)
-    mdn = (dn < dim) & (n3 < dstate)  # (NQ, BD, NL)
-    A = tl.load(A_ptr + dn * dstate + n3, mask=mdn, other=0.0).to(tl.float32) * LOG2E
-    state_off = (pid_b * dim + dn) * dstate + n3  # (NQ, BD, NL) offsets into a (b, d, n) tensor
-    if HAS_H0:
-        h = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((NQ, BD, NL), dtype=tl.float32)
-    bias = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rd, mask=rd < dim, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + rd, mask=rd < dim, other=0.0).to(tl.float32)[None, :, None]
-    row = (pid_b * dim + d3) * L  # where each channel's row starts in u, Δ, z, y   (1, BD, 1)
-    bc_row = (pid_b * dstate + n4) * L  # where each state's row starts in B, C      (1, NQ, 1, NL)
+    i, j = tl.arange(0, TI)[:, None], tl.arange(0, TT)[None, :]  # (TI, 1), (1, TT)
+    first = tl.arange(0, TT) == 0  # thread 0, which carries the state from chunk to chunk   (TT,)
+    row = (pid_b * dim + pid_d) * L  # this channel's row in u, Δ, z, y
+    bc = pid_b * N * L  # this sequence's rows of B and C
+    sn = (pid_b * dim + pid_d) * N + tl.zeros((TT,), dtype=tl.int64)  # its (n,) slice of h   (TT,)
+    bias = tl.load(bias_ptr + pid_d).to(tl.float32) if HAS_BIAS else 0.0
+    # hlast is the carry: it holds the state after the chunks done so far (at first, h0 or 0),
+    # written and read by thread 0 alone.
+    for n in tl.static_range(N):
+        h0 = tl.load(h0_ptr + sn + n) if HAS_H0 else tl.zeros((TT,), dtype=tl.float32)
+        tl.store(hlast_ptr + sn + n, h0, mask=first)
     n_chunks = tl.cdiv(L, T)
 
     for c in range(0, n_chunks):
-        t3 = c * T + j3 * TI + i3  # (TI, 1, TL)
-        t4 = c * T + j4 * TI + i4  # (TI, 1, TL, 1)
-        m3 = (d3 < dim) & (t3 < L)  # (TI, BD, TL)
-        mbc = (n4 < dstate) & (t4 < L)  # (TI, NQ, TL, NL)
-        if SAVE:  # the state entering this chunk, for the backward pass; hsave is (b, chunks, d, n)
-            tl.store(hsave_ptr + ((pid_b * n_chunks + c) * dim + dn) * dstate + n3, h, mask=mdn)
-        raw = tl.load(delta_ptr + row + t3, mask=m3, other=0.0).to(tl.float32) + bias[None, :, None]
-        dt = tl.where(m3, _delta(raw, SOFTPLUS), 0.0)  # Δ = 0 past the end: h stays as it is
-        u = tl.load(u_ptr + row + t3, mask=m3, other=0.0).to(tl.float32)  # (TI, BD, TL)
-        Bt = tl.load(B_ptr + bc_row + t4, mask=mbc, other=0.0).to(tl.float32)  # (TI, NQ, TL, NL)
-        Ct = tl.load(C_ptr + bc_row + t4, mask=mbc, other=0.0).to(tl.float32)
-
-        dA = tl.exp2(_dt5(dt) * _dn5(A))  # Ā_t = exp(Δ_t A)            (TI, NQ, BD, TL, NL)
-        dBu = _dt5(dt * u) * _nt5(Bt)  # Δ_t B_t u_t
-        hs, h = _chunk_states(dA, dBu, h, TI, TL)
-        y = _sum_n(hs * _nt5(Ct))  # y_t = C_t · h_t                      (TI, BD, TL)
+        tl.debug_barrier()  # what the last chunk stored in hlast is visible to every thread now
+        t = c * T + j * TI + i  # (TI, TT)
+        m = t < L
+        raw = tl.load(delta_ptr + row + t, mask=m, other=0.0).to(tl.float32) + bias
+        dt = tl.where(m, _delta(raw, SOFTPLUS), 0.0)  # Δ = 0 past the end: h stays as it is
+        u = tl.load(u_ptr + row + t, mask=m, other=0.0).to(tl.float32)  # (TI, TT)
+        dtu = dt * u
+        y = tl.zeros((TI, TT), dtype=tl.float32)
+        sv = ((pid_b * n_chunks + c) * dim + pid_d) * N + tl.zeros((TT,), dtype=tl.int64)  # hsave (b, chunks, d, n)
+        # Each state's inputs are loaded one state ahead, before the stores of the state in hand
+        # (which the compiler will not move loads across).
+        nxt = _fwd_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, 0, N)
+        for ns in range(0, N):  # the states, one after another (a loop: one state's addresses live at a time)
+            Bn, Cn, An, h_in = nxt
+            nxt = _fwd_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, tl.minimum(ns + 1, N - 1), N)
+            if SAVE:  # the state entering this chunk, for the backward pass
+                tl.store(hsave_ptr + sv + ns, h_in, mask=first)
+            a = tl.exp2(dt * (An * LOG2E))  # Ā_t = exp(Δ_t A)
+            hs, h_end = _chunk_states(a, dtu * Bn, h_in, TI, TT)
+            y += Cn * hs  # y_t = C_t · h_t, summed over the state loop
+            tl.store(hlast_ptr + sn + ns, h_end, mask=first)
 
         if HAS_D:
-            y += Dv * u
+            y += tl.load(D_ptr + pid_d).to(tl.float32) * u
         if HAS_Z:
-            z = tl.load(z_ptr + row + t3, mask=m3, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row + t, mask=m, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)  # SiLU(z) gate
-        tl.store(out_ptr + row + t3, y.to(out_ptr.dtype.element_ty), mask=m3)
+        tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=m)
 
-    tl.store(hlast_ptr + state_off, h, mask=mdn)
+
+@triton.jit
+def _fwd_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, n, N: tl.constexpr):
+    """What the forward pass reads for state n of a chunk: B, C (TI, TT) as float32, A (a scalar)
+    and the state entering the chunk (TT,), of which thread 0's counts."""
+    Bn = tl.load(B_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
+    Cn = tl.load(C_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
+    return Bn, Cn, tl.load(A_ptr + pid_d * N + n).to(tl.float32), tl.load(hlast_ptr + sn + n)
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -249,133 +227,164 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _chunk_grads(dh, dA, Q, TI: tl.constexpr, TL: tl.constexpr):
-    """g_t at every step of a chunk, and the gradient Q = a_first g_first it passes leftwards.
+def _chunk_grads(dh, a, q_in, TI: tl.constexpr, TT: tl.constexpr):
+    """g_t at every step of a chunk for one state, and what the chunk passes leftwards.
 
-    dh, dA (TI, NQ, BD, TL, NL); Q (NQ, BD, NL), flowing in from the chunk to the right."""
-    i = tl.arange(0, TI)[:, None, None, None, None]
-    j = tl.arange(0, TL)[None, None, :, None]
+    dh = C_t dy_t and a (TI, TT); q_in (TT,), of which the last thread's is used: a_{e+1} g_{e+1},
+    the gradient flowing in from the chunk to the right. Returns g (TI, TT) and a (TT,) vector whose
+    last thread holds a_s g_s for the chunk's first step s (what the chunk to the left needs there)."""
+    i = tl.arange(0, TI)[:, None]
+    j = tl.arange(0, TT)
     ones = tl.full(dh.shape, 1.0, dtype=tl.float32)
     # 1. inside each thread, backwards over its run: g_t = G + P * (gradient flowing into the run)
-    G, P, _ = tl.associative_scan((dh, ones, dA), axis=0, combine_fn=_grad_combine, reverse=True)
-    # 2. run j passes Q_out = a_s g_s = F (G_s + P_s Q_in) to its left (s its first step): an
-    #    affine map of Q_in; compose these maps over the runs, from the right, across lanes
-    G0 = tl.sum(tl.where(i == 0, G, 0.0), axis=0)  # (NQ, BD, TL, NL)
-    P0 = tl.sum(tl.where(i == 0, P, 0.0), axis=0)
-    F0 = tl.sum(tl.where(i == 0, dA, 0.0), axis=0)
-    Ao, Xo = tl.associative_scan((F0 * P0, F0 * G0), axis=2, combine_fn=_scan_combine, reverse=True)
-    q_out = Ao * Q[:, :, None, :] + Xo  # what each run passes to its left        (NQ, BD, TL, NL)
-    # 3. what flows into run j is what run j + 1 passes on (Q itself for the last run)
-    nxt = tl.minimum(j + 1, TL - 1) + tl.zeros(q_out.shape, dtype=tl.int32)
-    q_in = tl.where(j == TL - 1, Q[:, :, None, :], tl.gather(q_out, nxt, axis=2))
-    g = G + P * q_in[None]
-    return g, tl.sum(tl.where(j == 0, q_out, 0.0), axis=2)
+    G, P, _ = tl.associative_scan((dh, ones, a), axis=0, combine_fn=_grad_combine, reverse=True)
+    # 2. run j passes q_out = F (G_s + P_s q) to its left (s its first step, F = a_s): an affine map
+    #    of what flows into it, q. Fold q_in into the last run, compose the maps from the right.
+    F0 = _row(a, i, 0)
+    A_run, X_run = F0 * _row(P, i, 0), F0 * _row(G, i, 0)  # (TT,)
+    X_run = tl.where(j == TT - 1, A_run * q_in + X_run, X_run)
+    _, q_out = tl.associative_scan((A_run, X_run), axis=0, combine_fn=_scan_combine, reverse=True)
+    # 3. what flows into run j is what run j + 1 passes; the last thread receives what run 0
+    #    passes, the chunk's own output, which is what the chunk to the left needs there
+    q_next = tl.gather(q_out, (j + 1) % TT, axis=0)
+    q_run = tl.where(j == TT - 1, q_in, q_next)  # (TT,)
+    return G + P * q_run[None, :], q_next
+
+
+@triton.jit
+def _chunk_grads(dh, a, q_in, TI: tl.constexpr, TT: tl.constexpr):
+    """g_t at every step of a chunk for one state, and what the chunk passes leftwards.
+
+    dh = C_t dy_t and a (TI, TT); q_in (TT,), of which the last thread's is used: a_{e+1} g_{e+1},
+    the gradient flowing in from the chunk to the right. Returns g (TI, TT) and a (TT,) vector whose
+    last thread holds a_s g_s for the chunk's first step s (what the chunk to the left needs there)."""
+    i = tl.arange(0, TI)[:, None]
+    j = tl.arange(0, TT)
+    ones = tl.full(dh.shape, 1.0, dtype=tl.float32)
+    # 1. inside each thread, backwards over its run: g_t = G + P * (gradient flowing into the run)
+    G, P, _ = tl.associative_scan((dh, ones, a), axis=0, combine_fn=_grad_combine, reverse=True)
+    # 2. run j passes q_out = F (G_s + P_s q) to its left (s its first step, F = a_s): an affine map
+    #    of what flows into it, q. Fold q_in into the last run, compose the maps from the right.
+    F0 = _row(a, i, 0)
+    A_run, X_run = F0 * _row(P, i, 0), F0 * _row(G, i, 0)  # (TT,)
+    X_run = tl.where(j == TT - 1, A_run * q_in + X_run, X_run)
+    _, q_out = tl.associative_scan((A_run, X_run), axis=0, combine_fn=_scan_combine, reverse=True)
+    # 3. what flows into run j is what run j + 1 passes; the last thread receives what run 0
+    #    passes, the chunk's own output, which is what the chunk to the left needs there
+    q_next = tl.gather(q_out, (j + 1) % TT, axis=0)
+    q_run = tl.where(j == TT - 1, q_in, q_next)  # (TT,)
+    return G + P * q_run[None, :], q_next
+
+
+@triton.jit
+def _state_inputs(B_ptr, C_ptr, A_ptr, hsave_ptr, dh0_ptr, bc, t, m, L, pid_d, sv, sn, n, N: tl.constexpr):
+    """What the backward pass reads for state n of a chunk: B, C (TI, TT) as float32, A (a scalar),
+    the state entering the chunk (a scalar) and the gradient flowing in from the right (TT,)."""
+    Bn = tl.load(B_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
+    Cn = tl.load(C_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
+    A_nat = tl.load(A_ptr + pid_d * N + n).to(tl.float32)
+    return Bn, Cn, A_nat, tl.load(hsave_ptr + sv + n), tl.load(dh0_ptr + sn + n)
 
 
 @triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hsave_ptr, dout_ptr, dhlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    dim, L, dstate,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHLAST: tl.constexpr,
-    NP: tl.constexpr, BD: tl.constexpr, TI: tl.constexpr, TL: tl.constexpr, NL: tl.constexpr,
+    dim, L,
+    N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr,
+    TI: tl.constexpr, TT: tl.constexpr,
 ):  # fmt: skip
-    NQ: tl.constexpr = NP // NL
-    T: tl.constexpr = TI * TL
+    T: tl.constexpr = TI * TT
+    pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    rd = tl.program_id(0) * BD + tl.arange(0, BD)
-    i3, d3, j3 = tl.arange(0, TI)[:, None, None], rd[None, :, None], tl.arange(0, TL)[None, None, :]
-    i4, q4 = tl.arange(0, TI)[:, None, None, None], tl.arange(0, NQ)[None, :, None, None]
-    j4, m4 = tl.arange(0, TL)[None, None, :, None], tl.arange(0, NL)[None, None, None, :]
-    n4 = q4 * NL + m4
-    n3 = tl.arange(0, NQ)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
-    dn = rd[None, :, None]
-    mdn = (dn < dim) & (n3 < dstate)
-    A_nat = tl.load(A_ptr + dn * dstate + n3, mask=mdn, other=0.0).to(tl.float32)  # (NQ, BD, NL)
-    A = A_nat * LOG2E
-    state_off = (pid_b * dim + dn) * dstate + n3
-    bias = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rd, mask=rd < dim, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + rd, mask=rd < dim, other=0.0).to(tl.float32)[None, :, None]
-    row = (pid_b * dim + d3) * L
-    bc_row = (pid_b * dstate + n4) * L
-    # Q: gradient flowing into the current chunk from the right, a_{t+1} g_{t+1} at its last step;
-    # at the sequence's end, the last state's own gradient.
-    if HAS_DHLAST:
-        Q = tl.load(dhlast_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
-    else:
-        Q = tl.zeros((NQ, BD, NL), dtype=tl.float32)
-    dA_acc = tl.zeros((NQ, BD, TL, NL), dtype=tl.float32)
-    dD_acc = tl.zeros((TI, BD, TL), dtype=tl.float32)
-    dbias_acc = tl.zeros((TI, BD, TL), dtype=tl.float32)
+    i, j = tl.arange(0, TI)[:, None], tl.arange(0, TT)[None, :]
+    row = (pid_b * dim + pid_d) * L
+    bc = pid_b * N * L
+    st = (pid_b * dim + pid_d) * N
+    bias = tl.load(bias_ptr + pid_d).to(tl.float32) if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + pid_d).to(tl.float32) if HAS_D else 0.0
+    last = tl.arange(0, TT) == TT - 1  # the thread that carries the gradient from chunk to chunk
+    first = tl.arange(0, TT) == 0
+    sn = st + tl.zeros((TT,), dtype=tl.int64)
+    # dh0 is the carry: every state's gradient flowing into the current chunk from the right,
+    # a_{t+1} g_{t+1} at its last step (at the sequence's end, the last state's own gradient),
+    # written and read by the last thread. dA's running sum waits in dA, kept by thread 0.
+    for n in tl.static_range(N):
+        q = tl.load(dhlast_ptr + sn + n) if HAS_DHLAST else tl.zeros((TT,), dtype=tl.float32)
+        tl.store(dh0_ptr + sn + n, q, mask=last)
+        tl.store(dA_ptr + sn + n, tl.zeros((TT,), dtype=tl.float32), mask=first)
+    dD_acc = tl.zeros((TT,), dtype=tl.float32)
+    dbias_acc = tl.zeros((TT,), dtype=tl.float32)
     n_chunks = tl.cdiv(L, T)
 
     for k in range(0, n_chunks):
         c = n_chunks - 1 - k  # chunks in reverse order
-        t3 = c * T + j3 * TI + i3
-        t4 = c * T + j4 * TI + i4
-        m3 = (d3 < dim) & (t3 < L)
-        mbc = (n4 < dstate) & (t4 < L)
-        # Recompute the forward pass of this chunk from its saved starting state.
-        h = tl.load(hsave_ptr + ((pid_b * n_chunks + c) * dim + dn) * dstate + n3, mask=mdn, other=0.0)
-        raw = tl.load(delta_ptr + row + t3, mask=m3, other=0.0).to(tl.float32) + bias[None, :, None]
-        dt = tl.where(m3, _delta(raw, SOFTPLUS), 0.0)
-        u = tl.load(u_ptr + row + t3, mask=m3, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + bc_row + t4, mask=mbc, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_row + t4, mask=mbc, other=0.0).to(tl.float32)
-        dA = tl.exp2(_dt5(dt) * _dn5(A))  # a_t                           (TI, NQ, BD, TL, NL)
+        tl.debug_barrier()  # what the last chunk stored in dh0 and dA is visible to every thread now
+        t = c * T + j * TI + i
+        m = t < L
+        sv = ((pid_b * n_chunks + c) * dim + pid_d) * N  # hsave (b, chunks, d, n)
+        raw = tl.load(delta_ptr + row + t, mask=m, other=0.0).to(tl.float32) + bias
+        dt = tl.where(m, _delta(raw, SOFTPLUS), 0.0)
+        u = tl.load(u_ptr + row + t, mask=m, other=0.0).to(tl.float32)
         dtu = dt * u
-        dBu = _dt5(dtu) * _nt5(Bt)  # x_t
-        hs, _ = _chunk_states(dA, dBu, h, TI, TL)
-
-        # The output gate and the skip.
-        dout = tl.load(dout_ptr + row + t3, mask=m3, other=0.0).to(tl.float32)  # (TI, BD, TL)
+        dout = tl.load(dout_ptr + row + t, mask=m, other=0.0).to(tl.float32)  # (TI, TT)
         if HAS_Z:
-            y = _sum_n(hs * _nt5(Ct))
-            if HAS_D:
-                y += Dv * u
-            z = tl.load(z_ptr + row + t3, mask=m3, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row + t, mask=m, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
-            dz = dout * y * sz * (1.0 + z * (1.0 - sz))  # d SiLU(z) / dz = σ(z)(1 + z(1 - σ(z)))
-            tl.store(dz_ptr + row + t3, dz.to(dz_ptr.dtype.element_ty), mask=m3)
             dy = dout * z * sz
         else:
             dy = dout
-        if HAS_D:
-            dD_acc += dy * u
-        # dC_t sums over all channels: this program adds its share (so does dB_t below).
-        dC_part = tl.sum(hs * _dt5(dy), axis=2)  # (TI, NQ, TL, NL)
-        tl.atomic_add(dC_ptr + bc_row + t4, dC_part, mask=mbc, sem="relaxed")
-        hs = hs - dBu  # a_t h_{t-1}: all the rest needs of h (one tile fewer in registers)
+        y = tl.zeros((TI, TT), dtype=tl.float32)  # C·h, for dz
+        gB = tl.zeros((TI, TT), dtype=tl.float32)  # Σ_n g_t B_t
+        wA = tl.zeros((TI, TT), dtype=tl.float32)  # Σ_n w_t A
+        # Each state's inputs are loaded one state ahead, before the atomics and stores of the state
+        # in hand (which the compiler will not move loads across). Programs take the states in
+        # staggered order (channel d starts at state d mod n), so that their atomic adds into dB
+        # and dC spread over n rows instead of meeting in one.
+        nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hsave_ptr, dh0_ptr, bc, t, m, L, pid_d, sv, sn, pid_d % N, N)
+        for r in range(0, N):  # a loop, not unrolled: one state's addresses live at a time
+            ns = (pid_d + r) % N
+            Bn, Cn, A_nat, h_in, q_in = nxt
+            nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hsave_ptr, dh0_ptr, bc, t, m, L, pid_d, sv, sn,
+                                (pid_d + r + 1) % N, N)  # fmt: skip
+            # Recompute this state's h over the chunk from its saved starting value.
+            a = tl.exp2(dt * (A_nat * LOG2E))  # a_t
+            x = dtu * Bn  # x_t
+            hs, _ = _chunk_states(a, x, h_in, TI, TT)
+            y += Cn * hs
+            # The gradient recurrence, backwards in time: g_t = C_t dy_t + a_{t+1} g_{t+1}.
+            g, q_out = _chunk_grads(Cn * dy, a, q_in, TI, TT)
+            w = g * (hs - x)  # g_t a_t h_{t-1}
+            wA += w * A_nat
+            gB += g * Bn
+            dA_n = tl.sum(tl.sum(w * dt, axis=0), axis=0)
+            tl.store(dh0_ptr + sn + ns, q_out, mask=last)
+            tl.store(dA_ptr + sn + ns, tl.load(dA_ptr + sn + ns) + dA_n, mask=first)
+            # dB_t and dC_t sum over all channels: this program adds its share.
+            tl.atomic_add(dC_ptr + bc + ns * L + t, dy * hs, mask=m, sem="relaxed")
+            tl.atomic_add(dB_ptr + bc + ns * L + t, g * dtu, mask=m, sem="relaxed")
 
-        # The gradient recurrence, backwards in time: g_t = C_t dy_t + a_{t+1} g_{t+1}.
-        g, Q = _chunk_grads(_dt5(dy) * _nt5(Ct), dA, Q, TI, TL)
-        w = g * hs  # g_t a_t h_{t-1}
-        dA_acc += tl.sum(w * _dt5(dt), axis=0)
-        gB = _sum_n(g * _nt5(Bt))  # Σ_n g_t B_t                           (TI, BD, TL)
-        ddt = _sum_n(w * _dn5(A_nat)) + u * gB
+        if HAS_Z:
+            if HAS_D:
+                y += Dv * u
+            dz = dout * y * sz * (1.0 + z * (1.0 - sz))  # d SiLU(z) / dz = σ(z)(1 + z(1 - σ(z)))
+            tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=m)
         du = dt * gB
         if HAS_D:
             du += Dv * dy
-        dB_part = tl.sum(g * _dt5(dtu), axis=2)  # (TI, NQ, TL, NL)
-        tl.atomic_add(dB_ptr + bc_row + t4, dB_part, mask=mbc, sem="relaxed")
-
+            dD_acc += tl.sum(dy * u, axis=0)
+        ddt = wA + u * gB
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(raw)  # softplus'(x) = σ(x)
-        ddt = tl.where(m3, ddt, 0.0)
-        dbias_acc += ddt
-        tl.store(du_ptr + row + t3, du.to(du_ptr.dtype.element_ty), mask=m3)
-        tl.store(ddelta_ptr + row + t3, ddt.to(ddelta_ptr.dtype.element_ty), mask=m3)
+        ddt = tl.where(m, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
 
-    # Per-batch partial sums; the wrapper adds them over the batch.
-    tl.store(dA_ptr + state_off, tl.sum(dA_acc, axis=2), mask=mdn)
-    tl.store(dh0_ptr + state_off, Q, mask=mdn)  # a_0 g_0: the initial state's gradient
-    md = rd < dim
-    tl.store(dD_ptr + pid_b * dim + rd, tl.sum(tl.sum(dD_acc, axis=2), axis=0), mask=md)
-    tl.store(dbias_ptr + pid_b * dim + rd, tl.sum(tl.sum(dbias_acc, axis=2), axis=0), mask=md)
+    # Per-batch partial sums (dA, and dh0 = a_0 g_0, are in place); the wrapper adds them over the batch.
+    tl.store(dD_ptr + pid_b * dim + pid_d, tl.sum(dD_acc, axis=0))
+    tl.store(dbias_ptr + pid_b * dim + pid_d, tl.sum(dbias_acc, axis=0))
 
 
 # --- decoding step ------------------------------------------------------------------------------
@@ -425,12 +434,6 @@ def _np(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def _tile(cfg: dict, n: int) -> dict:
-    """A CONFIG entry as kernel arguments for state size n (NL lanes cannot exceed the padded n)."""
-    NP = _np(n)
-    return dict(cfg, NP=NP, NL=min(cfg["NL"], NP))
-
-
 @triton_op("minijamba::triton_scan_fwd", mutates_args=())
 def _scan_fwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -440,14 +443,14 @@ def _scan_fwd(
     """y (b, d, l), last state (b, d, n) fp32, chunk-start states (b, chunks, d, n) fp32 or empty."""
     b, d, l = u.shape
     n = A.shape[1]
-    cfg = _tile(CONFIG["fwd_train" if save_states else "fwd"], n)
-    chunks = triton.cdiv(l, cfg["TI"] * cfg["TL"])
+    cfg = CONFIG["fwd_train" if save_states else "fwd"]
+    chunks = triton.cdiv(l, cfg["TI"] * cfg["TT"])
     out = torch.empty_like(u)
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
     hsave = u.new_empty((b, chunks, d, n) if save_states else (0,), dtype=torch.float32)
-    _launcher(_fwd_kernel)[(triton.cdiv(d, cfg["BD"]), b)](
-        u, delta, A, B, C, D, z, delta_bias, initial_state, out, last, hsave, d, l, n,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+    _launcher(_fwd_kernel)[(d, b)](
+        u, delta, A, B, C, D, z, delta_bias, initial_state, out, last, hsave, d, l,
+        N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, SAVE=save_states, **cfg,
     )  # fmt: skip
     return out, last, hsave
@@ -462,8 +465,8 @@ def _scan_bwd(
     """du, dΔ, dz, dA (b, d, n), dB, dC (b, n, l) fp32, dD, dbias (b, d), dh0 (b, d, n): per-batch sums."""
     b, d, l = u.shape
     n = A.shape[1]
-    cfg = _tile(CONFIG["bwd"], n)
-    if hsave.shape[1] != triton.cdiv(l, cfg["TI"] * cfg["TL"]):
+    cfg = CONFIG["bwd"]
+    if hsave.shape[1] != triton.cdiv(l, cfg["TI"] * cfg["TT"]):
         raise ValueError("saved chunk states do not match CONFIG['bwd']: keep its T equal to CONFIG['fwd_train']'s")
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
@@ -471,10 +474,10 @@ def _scan_bwd(
     dA, dh0 = torch.empty(b, d, n, **f32), torch.empty(b, d, n, **f32)
     dB, dC = torch.zeros(b, n, l, **f32), torch.zeros(b, n, l, **f32)
     dD, dbias = torch.empty(b, d, **f32), torch.empty(b, d, **f32)
-    _launcher(_bwd_kernel)[(triton.cdiv(d, cfg["BD"]), b)](
+    _launcher(_bwd_kernel)[(d, b)](
         u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast,
-        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, d, l, n,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, d, l,
+        N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_DHLAST=dlast is not None, **cfg,
     )  # fmt: skip
     return du, ddelta, dz, dA, dB, dC, dD, dbias, dh0
