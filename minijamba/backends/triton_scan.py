@@ -252,31 +252,6 @@ def _chunk_grads(dh, a, q_in, TI: tl.constexpr, TT: tl.constexpr):
 
 
 @triton.jit
-def _chunk_grads(dh, a, q_in, TI: tl.constexpr, TT: tl.constexpr):
-    """g_t at every step of a chunk for one state, and what the chunk passes leftwards.
-
-    dh = C_t dy_t and a (TI, TT); q_in (TT,), of which the last thread's is used: a_{e+1} g_{e+1},
-    the gradient flowing in from the chunk to the right. Returns g (TI, TT) and a (TT,) vector whose
-    last thread holds a_s g_s for the chunk's first step s (what the chunk to the left needs there)."""
-    i = tl.arange(0, TI)[:, None]
-    j = tl.arange(0, TT)
-    ones = tl.full(dh.shape, 1.0, dtype=tl.float32)
-    # 1. inside each thread, backwards over its run: g_t = G + P * (gradient flowing into the run)
-    G, P, _ = tl.associative_scan((dh, ones, a), axis=0, combine_fn=_grad_combine, reverse=True)
-    # 2. run j passes q_out = F (G_s + P_s q) to its left (s its first step, F = a_s): an affine map
-    #    of what flows into it, q. Fold q_in into the last run, compose the maps from the right.
-    F0 = _row(a, i, 0)
-    A_run, X_run = F0 * _row(P, i, 0), F0 * _row(G, i, 0)  # (TT,)
-    X_run = tl.where(j == TT - 1, A_run * q_in + X_run, X_run)
-    _, q_out = tl.associative_scan((A_run, X_run), axis=0, combine_fn=_scan_combine, reverse=True)
-    # 3. what flows into run j is what run j + 1 passes; the last thread receives what run 0
-    #    passes, the chunk's own output, which is what the chunk to the left needs there
-    q_next = tl.gather(q_out, (j + 1) % TT, axis=0)
-    q_run = tl.where(j == TT - 1, q_in, q_next)  # (TT,)
-    return G + P * q_run[None, :], q_next
-
-
-@triton.jit
 def _state_inputs(B_ptr, C_ptr, A_ptr, hsave_ptr, dh0_ptr, bc, t, m, L, pid_d, sv, sn, n, N: tl.constexpr):
     """What the backward pass reads for state n of a chunk: B, C (TI, TT) as float32, A (a scalar),
     the state entering the chunk (a scalar) and the gradient flowing in from the right (TT,)."""
