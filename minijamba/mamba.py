@@ -14,6 +14,7 @@ Data flow, for input x (b, l, h):
 
     in_proj         x -> (xs, z)                       two (b, d, l) streams: the signal and the gate
     conv1d + SiLU   xs -> u                            depthwise causal conv over time, width k
+                                                       (`causal_conv1d`, through the scan backend)
     x_proj          u -> (Δ_low, B, C)                 (b, l, r), (b, l, n), (b, l, n)
     RMSNorm         Δ_low, B, C each normalised        Jamba's addition (paper section 6.4): without
                                                        it, large-scale training showed loss spikes
@@ -94,19 +95,23 @@ class MambaMixer(nn.Module):
         if mask is not None:
             xs = xs * mask[:, None, :]  # padding must not enter the conv window
 
-        # Depthwise causal conv: prepend the last k-1 inputs (zeros at the start of a sequence).
-        if state is None:
-            context = xs.new_zeros(b, self.d, self.k - 1)  # (b, d, k-1)
-        else:
-            context = state.conv.to(xs.dtype)
-        xs = torch.cat([context, xs], dim=-1)  # (b, d, k-1+l)
-        if state is not None:
-            state.conv.copy_(xs[:, :, xs.shape[-1] - (self.k - 1) :])
+        # Depthwise causal conv + SiLU over cat(context, xs): the context is the last k-1 inputs of
+        # the previous call, None (zeros) at the start of a sequence. A copy when l > 1: the conv may
+        # keep it for its backward, and state.conv is overwritten below.
+        context = None if state is None else state.conv.to(xs.dtype, copy=l > 1)  # (b, d, k-1)
+        w = self.conv1d.weight[:, 0]  # (d, k)
         if l == 1:  # one output: a dot product per channel (F.conv1d's set-up costs ~50x more)
-            u = _last_conv_output(xs, self.conv1d.weight[:, 0], self.conv1d.bias)  # (b, d, 1)
+            if context is None:
+                context = xs.new_zeros(b, self.d, self.k - 1)
+            window = torch.cat([context, xs], dim=-1)  # (b, d, k)
+            u = F.silu(_last_conv_output(window, w, self.conv1d.bias))  # (b, d, 1)
         else:
-            u = F.conv1d(xs, self.conv1d.weight, self.conv1d.bias, groups=self.d)  # (b, d, l)
-        u = F.silu(u)
+            u = scan.causal_conv1d(xs, w, self.conv1d.bias, context, silu=True)  # (b, d, l)
+            if state is not None:  # the window's tail: cat only what the state keeps
+                m = min(l, self.k - 1)  # how many of the last k-1 inputs are new
+                window = torch.cat([context[:, :, m:], xs[:, :, l - m :]], dim=-1)  # (b, d, k-1)
+        if state is not None:  # the last k-1 inputs of cat(context, xs), for the next call
+            state.conv.copy_(window[:, :, window.shape[-1] - (self.k - 1) :])
         if mask is not None:
             u = u * mask[:, None, :]  # and must not enter the SSM state
 
@@ -133,6 +138,33 @@ class MambaMixer(nn.Module):
             if state is not None:
                 state.ssm.copy_(last)
         return self.out_proj(rearrange(y, "b d l -> b l d").to(x.dtype))  # (b, l, h)
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    context: torch.Tensor | None = None, silu: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Mamba's depthwise causal convolution over time, then SiLU when asked: the reference every
+    scan backend's `causal_conv1d` must equal.
+
+    x (b, d, l), any strides; weight (d, k): one filter per channel, weight[:, k-1] multiplying the
+    current input; bias (d,) or None; context (b, d, k-1): the k-1 inputs before x (zeros when
+    None, the start of a sequence). Returns (b, d, l) in x's dtype, contiguous:
+
+        y[:, c, t] = bias[c] + Σ_j weight[c, j] · cat(context, x)[:, c, t + j]      (j = 0 .. k-1)
+
+    Rounded as F.conv1d rounds (also under autocast, which casts the float32 parameters): weights,
+    bias and context in x's dtype, products summed in float32 or wider, one rounding at the end;
+    SiLU then applies to that rounded result.
+    """
+    b, d, l = x.shape
+    k = weight.shape[-1]
+    if context is None:
+        context = x.new_zeros(b, d, k - 1)
+    window = torch.cat([context.to(x.dtype), x], dim=-1)  # (b, d, k-1+l)
+    w = weight.to(x.dtype)[:, None, :]  # (d, 1, k): groups=d gives each channel its own filter
+    y = F.conv1d(window, w, None if bias is None else bias.to(x.dtype), groups=d)  # (b, d, l)
+    return F.silu(y) if silu else y
 
 
 def _last_conv_output(window: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

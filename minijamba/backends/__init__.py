@@ -1,20 +1,23 @@
-"""The one dispatch point for the selective scan and its decoding step.
+"""The one dispatch point for the selective scan, its decoding step and the Mamba layer's conv.
 
-A backend is a pair of functions with mamba-ssm's signatures (see `minijamba.ssm`):
+A backend is three functions, the scan's two with mamba-ssm's signatures (see `minijamba.ssm`) and
+the convolution with the reference's (see `minijamba.mamba.causal_conv1d`):
 
     selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    causal_conv1d(x, weight, bias, context, silu)        depthwise causal conv1d, SiLU fused
 
-The model code never branches on the backend: the Mamba layer asks `get(name)` for the pair once and
-calls it. Optional packages are imported only when their backend is asked for (or when `available()`
-is asked what this machine can run).
+The model code never branches on the backend: the Mamba layer asks `get(name)` for the three once
+and calls them. Optional packages are imported only when their backend is asked for (or when
+`available()` is asked what this machine can run).
 
-    reference   minijamba.ssm, plain PyTorch; runs anywhere (the one to read)
-    triton      minijamba.backends.triton_scan, our Triton kernels; CUDA GPUs (or, slowly, Triton's
-                CPU interpreter with TRITON_INTERPRET=1, which the tests use); torch.compile sees
-                through it
-    mamba_ssm   mamba-ssm's CUDA scan and Triton decoding step, through minijamba.backends.mamba_ssm;
-                CUDA GPUs with the mamba-ssm package installed
+    reference   minijamba.ssm and minijamba.mamba.causal_conv1d, plain PyTorch; runs anywhere (the
+                one to read)
+    triton      minijamba.backends.triton_scan and triton_conv, our Triton kernels; CUDA GPUs (or,
+                slowly, Triton's CPU interpreter with TRITON_INTERPRET=1, which the tests use);
+                torch.compile sees through them
+    mamba_ssm   mamba-ssm's CUDA scan and Triton decoding step, through minijamba.backends.mamba_ssm,
+                with our Triton conv (mamba-ssm ships none); CUDA GPUs with mamba-ssm installed
 
 `python -m minijamba.backends` prints what this machine can run and what `--fast` would pick.
 """
@@ -45,25 +48,30 @@ class Backend(NamedTuple):
     name: str
     selective_scan: Callable
     selective_state_update: Callable
+    causal_conv1d: Callable
 
 
 def _reference() -> Backend:
-    from minijamba import ssm
+    from minijamba import mamba, ssm
 
-    return Backend("reference", ssm.selective_scan, ssm.selective_state_update)
+    return Backend("reference", ssm.selective_scan, ssm.selective_state_update, mamba.causal_conv1d)
 
 
 def _triton() -> Backend:
-    from minijamba.backends import triton_scan
+    from minijamba.backends import triton_conv, triton_scan
 
-    return Backend("triton", triton_scan.selective_scan, triton_scan.selective_state_update)
+    return Backend(
+        "triton", triton_scan.selective_scan, triton_scan.selective_state_update, triton_conv.causal_conv1d
+    )
 
 
 def _mamba_ssm() -> Backend:
     from minijamba.backends import mamba_ssm
 
     mamba_ssm.load()  # import the compiled kernels now, so that a missing piece fails here
-    return Backend("mamba_ssm", mamba_ssm.selective_scan, mamba_ssm.selective_state_update)
+    return Backend(
+        "mamba_ssm", mamba_ssm.selective_scan, mamba_ssm.selective_state_update, mamba_ssm.causal_conv1d
+    )
 
 
 _LOADERS: dict[str, Callable[[], Backend]] = {"reference": _reference, "triton": _triton, "mamba_ssm": _mamba_ssm}

@@ -18,6 +18,8 @@ What the adapter does, and where mamba-ssm differs from the reference:
   into the inference state, which needs no gradient; initial and last states that must carry
   gradients (truncated backpropagation through time) need the triton or reference backend.
 - mamba-ssm's functions are opaque to torch.compile (graph breaks); use the triton backend there.
+- the convolution: mamba-ssm ships no conv kernel (that is the separate causal-conv1d package), so
+  this backend's `causal_conv1d` is our Triton conv, `minijamba.backends.triton_conv`.
 
 The kernels are imported on first use, never at module import.
 """
@@ -91,6 +93,13 @@ def selective_scan(
         out, last = result
         return out, last.detach().float()  # no gradient flows back through it (module docstring)
     return result
+
+
+def causal_conv1d(x, weight, bias=None, context=None, silu=False):
+    """`minijamba.mamba.causal_conv1d` on our Triton kernels (mamba-ssm has no conv of its own)."""
+    from minijamba.backends import triton_conv
+
+    return triton_conv.causal_conv1d(x, weight, bias, context, silu)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
