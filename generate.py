@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = resolve_device(args.device)
-        model, tok = load(args, device, scan_backend_for(args.fast))
+        model, tok = load(args, device, scan_backend_for(args.fast, training=False))
         prompt = read_prompt(args)
         ids = tok.encode(prompt).ids
         if not ids:

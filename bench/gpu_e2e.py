@@ -7,7 +7,8 @@ ours with a `model.` prefix), and their logits are compared before anything is t
 one implementation at a time, each model built fresh for each measurement:
 
     train     tokens/s of one optimizer step on batch 4 x 2048: forward, backward, AdamW; float32
-              weights under bf16 autocast (how train.py trains), the loss with the router's
+              weights under bf16 autocast (how train.py trains; transformers: bf16 weights, the
+              setting its mamba-ssm path can train), fused AdamW, the loss with the router's
               load-balancing term in both (transformers: output_router_logits=True)
     prefill   tokens/s of one prompt of 4K and of 16K tokens at batch 1, bf16 weights, filling the
               inference cache, logits of the last position only (what generation does)
@@ -19,9 +20,11 @@ one implementation at a time, each model built fresh for each measurement:
 
 Implementations (rows):
 
-    minijamba --fast            the scan backend --fast picks (backends.best_available(): mamba_ssm
-                                where installed, else triton), eager PyTorch
+    minijamba --fast            the scan backend --fast picks (backends.best_available(): to train,
+                                train_tiny.py's choice; to prefill and decode, generate.py's), eager PyTorch
+    minijamba --fast, bf16 weights   the same, trained with bf16 weights as transformers is (train only)
     minijamba triton            our Triton scan kernels, eager PyTorch
+    minijamba mamba_ssm         mamba-ssm's scan kernels, eager PyTorch (train and prefill)
     minijamba triton+compile    the triton backend under torch.compile (training: the whole model;
                                 decoding: the step, compiled, then captured in CUDA graphs)
     transformers                JambaForCausalLM with the kernels it finds (printed: mamba-ssm's scan
@@ -59,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from minijamba import Jamba, JambaConfig, backends
 from minijamba.cuda_graph import DecodeStep
+from minijamba.runtime import scan_backend_for
 
 CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -77,7 +81,9 @@ SIZES = {
 # Rows: (key, label, scan backend, torch.compile?)
 IMPLS = {
     "fast": ("minijamba --fast", "fast", False),
+    "fast_bf16": ("minijamba --fast, bf16 weights", "fast", False),
     "triton": ("minijamba triton", "triton", False),
+    "mamba_ssm": ("minijamba mamba_ssm", "mamba_ssm", False),
     "compile": ("minijamba triton+compile", "triton", True),
     "transformers": ("transformers", None, False),
 }
@@ -123,7 +129,8 @@ def meta(args, device) -> dict:
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         sizes=SIZES["smoke" if args.smoke else "full"], backends_available=backends.available(),
-        fast_backend=backends.best_available(), config=SMOKE_CONFIG if args.smoke else CONFIG,
+        fast_backend=dict(training=backends.best_available(), inference=backends.best_available(training=False)),
+        config=SMOKE_CONFIG if args.smoke else CONFIG,
     )  # fmt: skip
     for name in ("mamba_ssm", "causal_conv1d", "triton"):
         try:
@@ -138,8 +145,10 @@ def meta(args, device) -> dict:
 # --- the models ---------------------------------------------------------------------------------
 
 
-def config_for(args, backend: str | None = None) -> JambaConfig:
-    if args.smoke and backend == "triton":
+def config_for(args, backend: str | None = None, training: bool = True) -> JambaConfig:
+    if backend == "fast":  # what --fast picks: train_tiny.py's choice to train, generate.py's to infer
+        backend = scan_backend_for(True, training=training)
+    if args.smoke and backend in ("triton", "mamba_ssm"):
         backend = "reference"  # no GPU: the triton rows check their code path with the reference scan
     return JambaConfig(**(SMOKE_CONFIG if args.smoke else CONFIG), scan_backend=backend)
 
@@ -154,10 +163,10 @@ def random_weights(args, device) -> dict[str, torch.Tensor]:
     return sd
 
 
-def build_minijamba(args, sd, device, backend: str, dtype) -> Jamba:
+def build_minijamba(args, sd, device, backend: str, dtype, training: bool = False) -> Jamba:
     """float32 for training; in bf16 A_log, D and the Δ bias stay float32, as load_hf keeps them."""
     with torch.device("meta"):
-        model = Jamba(config_for(args, backend))
+        model = Jamba(config_for(args, backend, training))
     model = model.to_empty(device=device)
     model.load_state_dict(sd)  # copies: `sd` stays as drawn, whatever training does to the model
     if dtype != torch.float32:
@@ -330,11 +339,16 @@ def train(run: Run, key: str, sd) -> None:
     # transformers' Jamba with mamba-ssm cannot train fp32 weights under bf16 autocast (its B/C reach
     # the CUDA scan in fp32 next to a bf16 input: a dtype error), so it trains in pure bf16 weights:
     # its best working setting, and a cheaper one (half the weight and optimizer traffic).
-    dtype = torch.bfloat16 if key == "transformers" and device.type == "cuda" else torch.float32
+    # The "bf16 weights" row trains minijamba the same way, for a like-for-like comparison.
+    bf16 = key in ("transformers", "fast_bf16") and device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     model = (build_transformers(args, sd, device, dtype) if key == "transformers"
-             else build_minijamba(args, sd, device, backend, torch.float32)).train()  # fmt: skip
+             else build_minijamba(args, sd, device, backend, dtype, training=True)).train()  # fmt: skip
+    if key != "transformers":
+        run.meta.setdefault("train_backend", {})[label] = model.config.scan_backend
     net = torch.compile(model, **compile_options(args)) if compiled else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # Fused AdamW on a GPU for every row: what train.py uses, and transformers' Trainer's default.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     g = torch.Generator(device=device).manual_seed(1)
     shape = (s["batch"], s["seq"] + 1)
     batches = [torch.randint(0, model.config.vocab_size, shape, device=device, generator=g) for _ in range(2)]
@@ -564,13 +578,18 @@ def main(argv: list[str] | None = None) -> dict:
     section(run, "parity", parity, sd)
     print(json.dumps({"transformers_kernels": run.meta.get("transformers_kernels"),
                       "transformers_impl": run.meta.get("transformers_impl")}), flush=True)  # fmt: skip
-    order = [k for k in ("fast", "transformers", "triton", "compile") if k in args.only]
+    order = [k for k in ("fast", "transformers", "fast_bf16", "triton", "mamba_ssm", "compile") if k in args.only]
     for key in order:
         why = backends.why_unavailable("triton")
+        if key == "mamba_ssm" and backends.why_unavailable("mamba_ssm") is not None and not args.smoke:
+            run.add(impl=IMPLS[key][0], measure="all", status=f"skipped: {backends.why_unavailable('mamba_ssm')}")
+            continue
         if key in ("triton", "compile") and why is not None and not args.smoke:
             run.add(impl=IMPLS[key][0], measure="all", status=f"skipped: {why}")
             continue
-        for what in ("decode", "train") if key == "compile" else args.what:  # compile: the cheaper first
+        whats = {"compile": ("decode", "train"), "fast_bf16": ("train",), "mamba_ssm": ("train", "prefill")}
+        whats = whats.get(key, args.what)
+        for what in whats:  # compile: the cheaper first; the bf16-weights row only trains
             if what in args.what:
                 section(run, what, {"train": train, "prefill": prefill, "decode": decode}[what], key, sd)
     text = table(run)

@@ -21,13 +21,14 @@ def test_gpu_e2e_smoke(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "e2e.json"
-    bench.main(["--smoke", "--only", "fast", "transformers", "compile", "--out", str(out)])
+    bench.main(["--smoke", "--only", "fast", "fast_bf16", "transformers", "compile", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     by = {(r["impl"], r["measure"]): r for r in rows}
     assert by[("minijamba vs transformers", "parity")]["logits_rel_err"] < 1e-5  # same weights, fp32
     for impl in ("minijamba --fast", "transformers"):
         for measure in ("train", "prefill 48", "prefill 96", "decode"):
             assert by[(impl, measure)]["tok_s"] > 0, (impl, measure)
+    assert by[("minijamba --fast, bf16 weights", "train")]["tok_s"] > 0
     assert by[("minijamba --fast (no graph)", "decode")]["tok_s"] > 0
     for impl in ("minijamba --fast", "minijamba triton+compile"):  # the graph-ready step == the eager one
         assert by[(impl, "decode")]["vs_eager_step_rel_err"] < 1e-5

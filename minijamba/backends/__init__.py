@@ -32,10 +32,10 @@ import torch
 
 ENV_VAR = "MINIJAMBA_SCAN_BACKEND"
 
-# What --fast prefers, best first. Measured on an H100 (bench/RESULTS.md): mamba-ssm's forward +
-# backward is 1.3-1.6x faster than our Triton kernels and its forward equal or faster, so it goes
-# first where installed; triton runs everywhere else with a GPU (and under torch.compile).
-FAST_ORDER = ("mamba_ssm", "triton")
+# What --fast prefers, best first, measured on an H200 (bench/RESULTS.md). Training: mamba-ssm's
+# forward + backward is 1.1-1.5x faster than our Triton kernels. Inference (prefill): our Triton
+# forward is 0.8-0.9x mamba-ssm's time. Under torch.compile: triton, which it can see through.
+FAST_ORDER = {"training": ("mamba_ssm", "triton"), "inference": ("triton", "mamba_ssm")}
 
 INSTALL_HINT = {
     "triton": "pip install triton (Linux, with a CUDA GPU)",
@@ -118,15 +118,16 @@ def available() -> list[str]:
     return [name for name in _LOADERS if why_unavailable(name) is None]
 
 
-def best_available(compile: bool = False) -> str:
+def best_available(compile: bool = False, training: bool = True) -> str:
     """What `--fast` picks here: the fastest backend that runs on this GPU, else 'reference'.
 
+    training: the model will be trained (the backward pass counts) rather than only run forward.
     compile=True: the model will run under torch.compile, which cannot see inside mamba-ssm's
     kernels (a graph break at every Mamba layer), so prefer triton. Triton's CPU interpreter does
     not count: it is for tests, far slower than the reference."""
     if not _cuda():
         return "reference"
-    order = ("triton", "mamba_ssm") if compile else FAST_ORDER
+    order = FAST_ORDER["inference" if compile or not training else "training"]
     for name in order:
         if why_unavailable(name) is None:
             return name

@@ -22,7 +22,8 @@ def main(argv=None) -> None:
         status = "available" if reason is None else f"not available: {reason}"
         hint = "" if reason is None else f"\n{'':14}install: {backends.INSTALL_HINT[name]}"
         print(f"  {name:<11} {status}{hint}")
-    print(f"--fast picks: {backends.best_available()}")
+    print(f"--fast picks: {backends.best_available()} for training (train_tiny.py), "
+          f"{backends.best_available(training=False)} for inference (generate.py)")
     print(f"--fast under torch.compile picks: {backends.best_available(compile=True)}")
 
 
