@@ -232,6 +232,13 @@ def test_reference_is_always_available_and_fast_picks_an_available_one():
     assert backends.best_available(compile=True) in backends.available()
     if GPU and "triton" in FAST:
         assert backends.best_available(compile=True) == "triton"  # torch.compile sees through it
+        assert backends.best_available(training=False) == "triton"  # the faster forward (RESULTS.md)
+    if GPU and "mamba_ssm" in FAST:
+        assert best == "mamba_ssm"  # the faster forward + backward, for training
+    from minijamba.runtime import scan_backend_for
+
+    assert scan_backend_for(True, training=False) == backends.best_available(training=False)
+    assert scan_backend_for(False) is None  # no --fast: the environment variable, else the reference
 
 
 def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
