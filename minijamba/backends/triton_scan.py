@@ -141,6 +141,15 @@ def _chunk_states(a, x, h_in, TI: tl.constexpr, TT: tl.constexpr):
     return Ap * h_run[None, :] + Xp, h_prev
 
 
+@triton.jit
+def _state_inputs(B_ptr, C_ptr, A_ptr, carry_ptr, bc, t, m, L, pid_d, sn, n, N: tl.constexpr):
+    """What both passes read for state n of a chunk: B, C (TI, TT) as float32, A (a scalar) and the
+    state's carry (TT,), of which one thread's counts (the forward's h, the backward's gradient)."""
+    Bn = tl.load(B_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
+    Cn = tl.load(C_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
+    return Bn, Cn, tl.load(A_ptr + pid_d * N + n).to(tl.float32), tl.load(carry_ptr + sn + n)
+
+
 # --- forward ------------------------------------------------------------------------------------
 
 
@@ -181,10 +190,10 @@ def _fwd_kernel(
         sv = ((pid_b * n_chunks + c) * dim + pid_d) * N + tl.zeros((TT,), dtype=tl.int64)  # hsave (b, chunks, d, n)
         # Each state's inputs are loaded one state ahead, before the stores of the state in hand
         # (which the compiler will not move loads across).
-        nxt = _fwd_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, 0, N)
+        nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, 0, N)
         for ns in range(0, N):  # the states, one after another (a loop: one state's addresses live at a time)
             Bn, Cn, An, h_in = nxt
-            nxt = _fwd_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, tl.minimum(ns + 1, N - 1), N)
+            nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, tl.minimum(ns + 1, N - 1), N)
             if SAVE:  # the state entering this chunk, for the backward pass
                 tl.store(hsave_ptr + sv + ns, h_in, mask=first)
             a = tl.exp2(dt * (An * LOG2E))  # Ā_t = exp(Δ_t A)
@@ -198,15 +207,6 @@ def _fwd_kernel(
             z = tl.load(z_ptr + row + t, mask=m, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)  # SiLU(z) gate
         tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _fwd_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, n, N: tl.constexpr):
-    """What the forward pass reads for state n of a chunk: B, C (TI, TT) as float32, A (a scalar)
-    and the state entering the chunk (TT,), of which thread 0's counts."""
-    Bn = tl.load(B_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
-    Cn = tl.load(C_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
-    return Bn, Cn, tl.load(A_ptr + pid_d * N + n).to(tl.float32), tl.load(hlast_ptr + sn + n)
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -249,16 +249,6 @@ def _chunk_grads(dh, a, q_in, TI: tl.constexpr, TT: tl.constexpr):
     q_next = tl.gather(q_out, (j + 1) % TT, axis=0)
     q_run = tl.where(j == TT - 1, q_in, q_next)  # (TT,)
     return G + P * q_run[None, :], q_next
-
-
-@triton.jit
-def _state_inputs(B_ptr, C_ptr, A_ptr, hsave_ptr, dh0_ptr, bc, t, m, L, pid_d, sv, sn, n, N: tl.constexpr):
-    """What the backward pass reads for state n of a chunk: B, C (TI, TT) as float32, A (a scalar),
-    the state entering the chunk (a scalar) and the gradient flowing in from the right (TT,)."""
-    Bn = tl.load(B_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
-    Cn = tl.load(C_ptr + bc + n * L + t, mask=m, other=0.0).to(tl.float32)
-    A_nat = tl.load(A_ptr + pid_d * N + n).to(tl.float32)
-    return Bn, Cn, A_nat, tl.load(hsave_ptr + sv + n), tl.load(dh0_ptr + sn + n)
 
 
 @triton.jit
@@ -317,12 +307,15 @@ def _bwd_kernel(
         # in hand (which the compiler will not move loads across). Programs take the states in
         # staggered order (channel d starts at state d mod n), so that their atomic adds into dB
         # and dC spread over n rows instead of meeting in one.
-        nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hsave_ptr, dh0_ptr, bc, t, m, L, pid_d, sv, sn, pid_d % N, N)
+        # The backward's carry is the gradient in dh0; it also reads the state entering the chunk.
+        nxt = _state_inputs(B_ptr, C_ptr, A_ptr, dh0_ptr, bc, t, m, L, pid_d, sn, pid_d % N, N)
+        h_next = tl.load(hsave_ptr + sv + pid_d % N)
         for r in range(0, N):  # a loop, not unrolled: one state's addresses live at a time
             ns = (pid_d + r) % N
-            Bn, Cn, A_nat, h_in, q_in = nxt
-            nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hsave_ptr, dh0_ptr, bc, t, m, L, pid_d, sv, sn,
-                                (pid_d + r + 1) % N, N)  # fmt: skip
+            Bn, Cn, A_nat, q_in = nxt
+            h_in = h_next
+            nxt = _state_inputs(B_ptr, C_ptr, A_ptr, dh0_ptr, bc, t, m, L, pid_d, sn, (pid_d + r + 1) % N, N)
+            h_next = tl.load(hsave_ptr + sv + (pid_d + r + 1) % N)
             # Recompute this state's h over the chunk from its saved starting value.
             a = tl.exp2(dt * (A_nat * LOG2E))  # a_t
             x = dtu * Bn  # x_t
