@@ -139,6 +139,28 @@ def test_sixteen_bit_inputs(name, dtype):
     check_backend(name, b=1, d=5, n=4, l=13 if not GPU else 100, seed=1, dtype=dtype, use=("D", "z", "delta_bias"))
 
 
+@pytest.mark.parametrize("fwd_tt, bwd_tt", [(4, 2), (2, 4), (8, 2)])
+def test_forward_and_backward_may_chunk_differently(fwd_tt, bwd_tt, monkeypatch):
+    """The forward before a backward saves the state entering each of the backward's chunks, whether
+    its own chunks are longer or shorter: the gradients do not change. A backward chunk that does not
+    start on a thread's run is a clear error."""
+    if "triton" not in FAST:
+        pytest.skip("needs the triton backend")
+    from minijamba.backends import triton_scan
+
+    def tile(k):  # k threads under the interpreter; k warps of 32 threads on a GPU
+        return dict(TI=2, TT=k, num_warps=1) if not GPU else dict(TI=8, TT=32 * k, num_warps=k)
+
+    cfg = dict(triton_scan.CONFIG, fwd_train=tile(fwd_tt), bwd=tile(bwd_tt))
+    monkeypatch.setattr(triton_scan, "CONFIG", cfg)
+    check_backend("triton", b=1, d=3, n=2, l=21 if not GPU else 1500, seed=4, dtype=torch.float32)
+    tb = cfg["bwd"]["TI"] * cfg["bwd"]["TT"]
+    monkeypatch.setattr(triton_scan, "CONFIG", dict(cfg, fwd_train=dict(tile(fwd_tt), TI=2 * tb)))
+    a = on_device(inputs(1, 2, 2, 5, 6, torch.float32), torch.float32)
+    with pytest.raises(ValueError, match="multiple of the forward's TI"):
+        triton_scan.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"])
+
+
 @pytest.mark.parametrize("name", FAST)
 @settings(max_examples=4 if not GPU else 8, deadline=None)
 @given(

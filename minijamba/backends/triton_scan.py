@@ -57,8 +57,9 @@ from torch.library import triton_op, wrap_triton
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x log2 e): exp2 is the GPU's instruction
 
 # Launch shapes: steps per thread (TI), threads per program (TT = 32 x num_warps on a GPU) and warps.
-# "fwd" is the forward without gradients; "fwd_train" the forward before a backward pass (it saves
-# the state entering each chunk, so its chunk TI * TT must equal "bwd"'s); "step" the decoding step.
+# "fwd" is the forward without gradients; "fwd_train" the forward before a backward pass (it also
+# saves the state entering each of the backward's chunks, every TI * TT steps of "bwd"); "step" the
+# decoding step.
 # The fastest of bench/gpu_scan.py --sweep on an H200 at l=2K (b=1, d=4096 and b=4, d=2048) and
 # l=8K (bench/RESULTS.md). TI = 8 bf16 values are one 16-byte load per thread.
 CONFIG = {
@@ -125,7 +126,8 @@ def _chunk_states(a, x, h_in, TI: tl.constexpr, TT: tl.constexpr):
     """h_t at every step of a chunk for one state, from the maps h -> a_t h + x_t and the state
     h_in entering the chunk. a, x (TI, TT); h_in a scalar or (TT,), of which thread 0's is used.
 
-    Returns hs (TI, TT) and a (TT,) vector whose thread 0 holds the state at the chunk's end."""
+    Returns hs (TI, TT); a (TT,) vector whose thread 0 holds the state at the chunk's end; and the
+    state entering each thread's run (TT,)."""
     i = tl.arange(0, TI)[:, None]
     j = tl.arange(0, TT)
     # 1. inside each thread: prefix compositions over its run of TI steps (a plain loop)
@@ -138,7 +140,7 @@ def _chunk_states(a, x, h_in, TI: tl.constexpr, TT: tl.constexpr):
     #    the chunk's end state, which is what the next chunk needs there
     h_prev = tl.gather(h_end, (j + TT - 1) % TT, axis=0)
     h_run = tl.where(j == 0, h_in, h_prev)  # (TT,)
-    return Ap * h_run[None, :] + Xp, h_prev
+    return Ap * h_run[None, :] + Xp, h_prev, h_run
 
 
 @triton.jit
@@ -160,8 +162,10 @@ def _fwd_kernel(
     dim, L,
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
-    TI: tl.constexpr, TT: tl.constexpr,
+    TI: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr,
 ):  # fmt: skip
+    """SAVE: also store the state entering every TB steps (the backward pass's chunks, which need
+    not be this pass's: TB a multiple of TI, and T a multiple of TB or TB of T)."""
     T: tl.constexpr = TI * TT
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -187,17 +191,21 @@ def _fwd_kernel(
         u = tl.load(u_ptr + row + t, mask=m, other=0.0).to(tl.float32)  # (TI, TT)
         dtu = dt * u
         y = tl.zeros((TI, TT), dtype=tl.float32)
-        sv = ((pid_b * n_chunks + c) * dim + pid_d) * N + tl.zeros((TT,), dtype=tl.int64)  # hsave (b, chunks, d, n)
+        # The runs that start a backward chunk, and where their entering state goes in hsave
+        # (b, cdiv(L, TB), d, n).
+        run0 = c * T + tl.arange(0, TT) * TI  # each run's first step   (TT,)
+        saves = (run0 % TB == 0) & (run0 < L)
+        sv = ((pid_b * tl.cdiv(L, TB) + run0 // TB) * dim + pid_d) * N  # (TT,)
         # Each state's inputs are loaded one state ahead, before the stores of the state in hand
         # (which the compiler will not move loads across).
         nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, 0, N)
         for ns in range(0, N):  # the states, one after another (a loop: one state's addresses live at a time)
             Bn, Cn, An, h_in = nxt
             nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, tl.minimum(ns + 1, N - 1), N)
-            if SAVE:  # the state entering this chunk, for the backward pass
-                tl.store(hsave_ptr + sv + ns, h_in, mask=first)
             a = tl.exp2(dt * (An * LOG2E))  # Ā_t = exp(Δ_t A)
-            hs, h_end = _chunk_states(a, dtu * Bn, h_in, TI, TT)
+            hs, h_end, h_run = _chunk_states(a, dtu * Bn, h_in, TI, TT)
+            if SAVE:  # the state entering each backward chunk, for the backward pass
+                tl.store(hsave_ptr + sv + ns, h_run, mask=saves)
             y += Cn * hs  # y_t = C_t · h_t, summed over the state loop
             tl.store(hlast_ptr + sn + ns, h_end, mask=first)
 
@@ -319,7 +327,7 @@ def _bwd_kernel(
             # Recompute this state's h over the chunk from its saved starting value.
             a = tl.exp2(dt * (A_nat * LOG2E))  # a_t
             x = dtu * Bn  # x_t
-            hs, _ = _chunk_states(a, x, h_in, TI, TT)
+            hs, _, _ = _chunk_states(a, x, h_in, TI, TT)
             y += Cn * hs
             # The gradient recurrence, backwards in time: g_t = C_t dy_t + a_{t+1} g_{t+1}.
             g, q_out = _chunk_grads(Cn * dy, a, q_in, TI, TT)
@@ -398,6 +406,11 @@ def _step_kernel(
 # --- the custom ops (what torch.compile sees) ----------------------------------------------------
 
 
+def _bwd_chunk() -> int:
+    """The backward pass's chunk, in steps: the forward before it saves the state entering each."""
+    return CONFIG["bwd"]["TI"] * CONFIG["bwd"]["TT"]
+
+
 def _np(n: int) -> int:
     return triton.next_power_of_2(n)
 
@@ -412,14 +425,17 @@ def _scan_fwd(
     b, d, l = u.shape
     n = A.shape[1]
     cfg = CONFIG["fwd_train" if save_states else "fwd"]
-    chunks = triton.cdiv(l, cfg["TI"] * cfg["TT"])
+    tb = _bwd_chunk()
+    if tb % cfg["TI"] or (tb % (cfg["TI"] * cfg["TT"]) and (cfg["TI"] * cfg["TT"]) % tb):
+        raise ValueError(f"CONFIG: the backward's chunk ({tb} steps) must be a multiple of the forward's TI, "
+                         "and a multiple or a divisor of its chunk TI * TT")  # fmt: skip
     out = torch.empty_like(u)
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
-    hsave = u.new_empty((b, chunks, d, n) if save_states else (0,), dtype=torch.float32)
+    hsave = u.new_empty((b, triton.cdiv(l, tb), d, n) if save_states else (0,), dtype=torch.float32)
     _launcher(_fwd_kernel)[(d, b)](
         u, delta, A, B, C, D, z, delta_bias, initial_state, out, last, hsave, d, l,
         N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, SAVE=save_states, **cfg,
+        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, SAVE=save_states, TB=tb, **cfg,
     )  # fmt: skip
     return out, last, hsave
 
@@ -434,8 +450,8 @@ def _scan_bwd(
     b, d, l = u.shape
     n = A.shape[1]
     cfg = CONFIG["bwd"]
-    if hsave.shape[1] != triton.cdiv(l, cfg["TI"] * cfg["TT"]):
-        raise ValueError("saved chunk states do not match CONFIG['bwd']: keep its T equal to CONFIG['fwd_train']'s")
+    if hsave.shape[1] != triton.cdiv(l, _bwd_chunk()):
+        raise ValueError("the saved chunk states do not match CONFIG['bwd']: it changed between the passes")
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
