@@ -25,8 +25,10 @@ Implementations (rows):
     minijamba --fast, bf16 weights   the same, trained with bf16 weights as transformers is (train only)
     minijamba triton            our Triton scan kernels, eager PyTorch
     minijamba mamba_ssm         mamba-ssm's scan kernels, eager PyTorch (train and prefill)
-    minijamba triton+compile    the triton backend under torch.compile (training: the whole model;
-                                decoding: the step, compiled, then captured in CUDA graphs)
+    minijamba triton+compile    the triton backend under torch.compile (training and prefill: the whole
+                                model; decoding: the step, compiled, then captured in CUDA graphs)
+    ... , CUDA graphs           the same with mode="reduce-overhead": the compiled training step
+                                replayed as CUDA graphs, no launch overhead (train only)
     transformers                JambaForCausalLM with the kernels it finds (printed: mamba-ssm's scan
                                 and step, causal-conv1d's convolution), its default attention and experts
 
@@ -73,22 +75,23 @@ CONFIG = dict(
 SMOKE_CONFIG = dict(CONFIG, vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                     num_key_value_heads=2, num_experts=4)  # fmt: skip
 SIZES = {
-    "full": dict(batch=4, seq=2048, train_warmup=2, train_iters=4, prefill=(4096, 16384), prefill_iters=2,
+    "full": dict(batch=4, seq=2048, train_warmup=2, train_iters=4, prefill=(4096, 16384), prefill_iters=3,
                  prompt=1024, decode=128, decode_warmup=8, parity_len=256),
     "smoke": dict(batch=2, seq=32, train_warmup=1, train_iters=1, prefill=(48, 96), prefill_iters=1,
                   prompt=16, decode=4, decode_warmup=2, parity_len=16),
 }  # fmt: skip
-# Rows: (key, label, scan backend, torch.compile?)
+# Rows: (key, label, scan backend, torch.compile? True, or its mode)
 IMPLS = {
     "fast": ("minijamba --fast", "fast", False),
     "fast_bf16": ("minijamba --fast, bf16 weights", "fast", False),
     "triton": ("minijamba triton", "triton", False),
     "mamba_ssm": ("minijamba mamba_ssm", "mamba_ssm", False),
     "compile": ("minijamba triton+compile", "triton", True),
+    "compile_graphs": ("minijamba triton+compile, CUDA graphs", "triton", "reduce-overhead"),
     "transformers": ("transformers", None, False),
 }
 # Seconds each section needs at the least on an H100, to skip what would not finish in the budget.
-NEEDS = {"train": 40, "prefill": 30, "decode": 20, "train+compile": 200, "decode+compile": 90}
+NEEDS = {"train": 40, "prefill": 30, "decode": 20, "train+compile": 200, "prefill+compile": 120, "decode+compile": 90}
 
 
 class Run:
@@ -305,8 +308,10 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def compile_options(args) -> dict:
-    return {"backend": "eager"} if args.smoke else {}  # the CPU smoke run traces, compiles nothing
+def compile_options(args, compiled=True) -> dict:
+    if args.smoke:
+        return {"backend": "eager"}  # the CPU smoke run traces, compiles nothing
+    return {"mode": compiled} if isinstance(compiled, str) else {}
 
 
 # --- the measurements ---------------------------------------------------------------------------
@@ -346,7 +351,7 @@ def train(run: Run, key: str, sd) -> None:
              else build_minijamba(args, sd, device, backend, dtype, training=True)).train()  # fmt: skip
     if key != "transformers":
         run.meta.setdefault("train_backend", {})[label] = model.config.scan_backend
-    net = torch.compile(model, **compile_options(args)) if compiled else model
+    net = torch.compile(model, **compile_options(args, compiled)) if compiled else model
     # Fused AdamW on a GPU for every row: what train.py uses, and transformers' Trainer's default.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     g = torch.Generator(device=device).manual_seed(1)
@@ -357,6 +362,8 @@ def train(run: Run, key: str, sd) -> None:
     def step():
         ids = batches[calls[0] % 2]
         calls[0] += 1
+        if compiled == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free again
         opt.zero_grad(set_to_none=True)
         with autocast(device):
             if key == "transformers":
@@ -385,6 +392,7 @@ def prefill(run: Run, key: str, sd) -> None:
     s = SIZES["smoke" if args.smoke else "full"]
     model = (build_transformers(args, sd, device, torch.bfloat16) if key == "transformers"
              else build_minijamba(args, sd, device, backend, torch.bfloat16)).eval()  # fmt: skip
+    net = torch.compile(model, **compile_options(args, compiled)) if compiled else model
     for n in s["prefill"]:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
 
@@ -392,12 +400,16 @@ def prefill(run: Run, key: str, sd) -> None:
         def once(ids=ids, n=n):
             if key == "transformers":
                 return hf_prefill(model, ids).logits
-            return model(ids, state=model.new_state(1, n), logits_to_keep=1)
+            return net(ids, state=model.new_state(1, n), logits_to_keep=1)
 
         cleanup()
-        times = timed(once, 1, s["prefill_iters"], device)
+        t_first = time.perf_counter()
+        once()  # builds (and under torch.compile compiles for this length) everything
+        sync(device)
+        first = time.perf_counter() - t_first
+        times = timed(once, 0, s["prefill_iters"], device)
         run.add(impl=label, measure=f"prefill {n}", tok_s=n / statistics.median(times), s=times,
-                peak_gib=peak_gib(device), tokens=n)  # fmt: skip
+                first_s=first, peak_gib=peak_gib(device), tokens=n)  # fmt: skip
         if n == max(s["prefill"]):
             profile(run, f"{label} prefill {n}", once)
 
@@ -514,7 +526,7 @@ def section(run: Run, name: str, fn, *fn_args) -> None:
     """Run one measurement unless the budget is too short for it; an error is recorded, not fatal."""
     key = fn_args[0] if fn_args and isinstance(fn_args[0], str) else ""
     label = IMPLS[key][0] if key in IMPLS else key
-    need = NEEDS.get(name + ("+compile" if key == "compile" else ""), 0) if not run.args.smoke else 0
+    need = NEEDS.get(name + ("+compile" if key.startswith("compile") else ""), 0) if not run.args.smoke else 0
     if run.left() < need:
         run.add(impl=label, measure=name, status=f"skipped: {run.left():.0f} s of the budget left, needs ~{need}")
         return
@@ -578,16 +590,18 @@ def main(argv: list[str] | None = None) -> dict:
     section(run, "parity", parity, sd)
     print(json.dumps({"transformers_kernels": run.meta.get("transformers_kernels"),
                       "transformers_impl": run.meta.get("transformers_impl")}), flush=True)  # fmt: skip
-    order = [k for k in ("fast", "transformers", "fast_bf16", "triton", "mamba_ssm", "compile") if k in args.only]
+    order = [k for k in ("fast", "transformers", "fast_bf16", "triton", "mamba_ssm", "compile", "compile_graphs")
+             if k in args.only]
     for key in order:
         why = backends.why_unavailable("triton")
         if key == "mamba_ssm" and backends.why_unavailable("mamba_ssm") is not None and not args.smoke:
             run.add(impl=IMPLS[key][0], measure="all", status=f"skipped: {backends.why_unavailable('mamba_ssm')}")
             continue
-        if key in ("triton", "compile") and why is not None and not args.smoke:
+        if key in ("triton", "compile", "compile_graphs") and why is not None and not args.smoke:
             run.add(impl=IMPLS[key][0], measure="all", status=f"skipped: {why}")
             continue
-        whats = {"compile": ("decode", "train"), "fast_bf16": ("train",), "mamba_ssm": ("train", "prefill")}
+        whats = {"compile": ("decode", "prefill", "train"), "compile_graphs": ("train",), "fast_bf16": ("train",),
+                 "mamba_ssm": ("train", "prefill")}  # fmt: skip
         whats = whats.get(key, args.what)
         for what in whats:  # compile: the cheaper first; the bf16-weights row only trains
             if what in args.what:

@@ -163,39 +163,93 @@ def tile(ti, w):
 
 
 def sweep(b, d, n, l, log):
-    """Try launch shapes (BD, TI, TL, NL, warps) at one length; set triton_scan.CONFIG to the fastest."""
+    """Try launch shapes (TI, warps) at one length; set triton_scan.CONFIG to the fastest. The
+    backward first (the forward before it saves states at the backward's chunks), then the forward
+    before a backward alone (the custom op, saving states), then the inference forward."""
     x = make_inputs(b, d, n, l)
     gy = torch.randn(b, d, l, device="cuda").to(DTYPE)
     xs = {k: v.detach().requires_grad_() for k, v in x.items()}
-    fwd, bwd = {}, {}
-    for cand in FWD_TILES:
-        triton_scan.CONFIG["fwd"] = tile(*cand)
-        before = cache_keys(triton_scan._fwd_kernel)
+    fwd, fwd_train, bwd = {}, {}, {}
+
+    def attempt(table, cand, kernel, what, fn):
+        before = cache_keys(kernel)
         try:
-            with torch.no_grad():
-                fwd[cand] = timed(lambda: call("triton", x), 100)
+            table[cand] = timed(fn, 100)
         except Exception as e:
-            log(f"  sweep fwd {cand}: failed {type(e).__name__}: {str(e)[:200]}")
-            continue
-        log(f"  sweep fwd (TI, warps)={cand}: {fwd[cand]:8.3f} ms  regs/spills {kernel_report(triton_scan._fwd_kernel, before)}")
+            log(f"  sweep {what} {cand}: failed {type(e).__name__}: {str(e)[:200]}")
+            return
+        log(f"  sweep {what} (TI, warps)={cand}: {table[cand]:8.3f} ms  regs/spills {kernel_report(kernel, before)}")
+
     for cand in BWD_TILES:
         triton_scan.CONFIG["fwd_train"] = triton_scan.CONFIG["bwd"] = tile(*cand)
-        before = cache_keys(triton_scan._bwd_kernel)
-        try:
-            y = call("triton", xs)
-            bwd[cand] = timed(lambda: torch.autograd.grad(y, [xs[k] for k in GRAD_ARGS], gy, retain_graph=True), 100)
-        except Exception as e:
-            log(f"  sweep bwd {cand}: failed {type(e).__name__}: {str(e)[:200]}")
-            continue
-        log(f"  sweep bwd (TI, warps)={cand}: {bwd[cand]:8.3f} ms  regs/spills {kernel_report(triton_scan._bwd_kernel, before)}")
-    best_f, best_b = min(fwd, key=fwd.get), min(bwd, key=bwd.get)
-    # The forward before a backward must chunk like the backward: the fastest forward with that chunk.
-    same_t = [c for c in fwd if c[0] * c[1] == best_b[0] * best_b[1]]
-    best_ft = min(same_t, key=fwd.get) if same_t else best_b
-    triton_scan.CONFIG.update(fwd=tile(*best_f), fwd_train=tile(*best_ft), bwd=tile(*best_b))
+        y = call("triton", xs)
+        attempt(bwd, cand, triton_scan._bwd_kernel, "bwd",
+                lambda: torch.autograd.grad(y, [xs[k] for k in GRAD_ARGS], gy, retain_graph=True))  # fmt: skip
+    triton_scan.CONFIG["bwd"] = tile(*min(bwd, key=bwd.get))
+    op = torch.ops.minijamba.triton_scan_fwd
+    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    for cand in FWD_TILES:
+        triton_scan.CONFIG["fwd_train"] = triton_scan.CONFIG["fwd"] = tile(*cand)
+        attempt(fwd_train, cand, triton_scan._fwd_kernel, "fwd_train", lambda: op(*args, None, True, True))
+        with torch.no_grad():
+            attempt(fwd, cand, triton_scan._fwd_kernel, "fwd", lambda: call("triton", x))
+    triton_scan.CONFIG.update(fwd=tile(*min(fwd, key=fwd.get)), fwd_train=tile(*min(fwd_train, key=fwd_train.get)))
     log(f"  sweep chose CONFIG = {triton_scan.CONFIG}")
     del x, xs, gy
     torch.cuda.empty_cache()
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph: its GPU time without the host's launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def parts(names, b, d, n, lengths, log):
+    """Where forward+backward's time goes: each pass alone, the whole step eagerly and as a CUDA graph
+    (the difference is host overhead), and the kernels of one step from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for l in lengths:
+        x = make_inputs(b, d, n, l)
+        gy = torch.randn(b, d, l, device="cuda").to(DTYPE)
+        xs = {k: v.detach().requires_grad_() for k, v in x.items()}
+        for nm in names:
+            step = lambda: fwd_bwd(nm, x, gy)  # noqa: E731
+            eager = timed(step, 200)
+            try:
+                in_graph = timed(graphed(step), 200)
+            except Exception as e:
+                in_graph = float("nan")
+                log(f"  parts l={l} {nm}: graph capture failed ({type(e).__name__}: {str(e)[:160]})")
+            extra = ""
+            if nm in backends._CACHE and backends._CACHE[nm].selective_scan.__module__.endswith("triton_scan"):
+                y = call(nm, xs)
+                bwd = timed(lambda: torch.autograd.grad(y, [xs[k] for k in GRAD_ARGS], gy, retain_graph=True), 200)
+                extra = f"  backward alone {bwd:7.3f} ms"
+            log(f"  parts l={l:>6} {nm:<10} fwd+bwd eager {eager:7.3f} ms  in a CUDA graph {in_graph:7.3f} ms{extra}")
+            try:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        step()
+                    torch.cuda.synchronize()
+                kernels = sorted(
+                    ((e.key, e.device_time_total / 5e3) for e in prof.key_averages() if e.device_time_total > 0),
+                    key=lambda kv: -kv[1],
+                )  # fmt: skip
+                log("    kernels per step (ms): " + "; ".join(f"{k[:60]} {v:.3f}" for k, v in kernels[:8]))
+            except Exception as e:  # a profile is a bonus
+                log(f"    profile failed: {type(e).__name__}: {str(e)[:160]}")
+        del x, xs, gy
+        torch.cuda.empty_cache()
 
 
 def compile_check(log):
@@ -279,6 +333,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="first try the Triton launch shapes")
     ap.add_argument("--sweep-length", type=int, default=8192, help="the sequence length of the sweep")
     ap.add_argument("--compile-check", action="store_true", help="also check torch.compile(fullgraph=True)")
+    ap.add_argument("--parts", action="store_true",
+                    help="where forward+backward's time goes (passes alone, host overhead, kernels), then stop")
     ap.add_argument("--check-lengths", default="2048,32768", help="lengths for the cross-backend check")
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"), help="folder for results.json")
     ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH",
@@ -305,6 +361,12 @@ def main():
         compile_check(log)
     if args.sweep and "triton" in names:
         sweep(b, d, n, args.sweep_length, log)
+    if args.parts:
+        parts(names, b, d, n, list(map(int, args.lengths.split(","))), log)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_scan_parts.log").write_text("\n".join(lines) + "\n")
+        return
     for l in map(int, args.check_lengths.split(",")):
         check([nm for nm in names if nm != "reference" or l <= 8192], b, d, n, l, log)
 
