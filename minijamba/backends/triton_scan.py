@@ -64,7 +64,7 @@ LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x log2 e): exp2 is the 
 # l=8K (bench/RESULTS.md). TI = 8 bf16 values are one 16-byte load per thread.
 CONFIG = {
     "fwd": dict(TI=8, TT=64, num_warps=2),
-    "fwd_train": dict(TI=8, TT=32, num_warps=1),
+    "fwd_train": dict(TI=8, TT=64, num_warps=2),
     "bwd": dict(TI=8, TT=32, num_warps=1),
     "step": dict(BD=64, num_warps=4),
 }
@@ -266,7 +266,7 @@ def _bwd_kernel(
     dim, L,
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr,
-    TI: tl.constexpr, TT: tl.constexpr,
+    TI: tl.constexpr, TT: tl.constexpr, NP: tl.constexpr,
 ):  # fmt: skip
     T: tl.constexpr = TI * TT
     pid_d = tl.program_id(0)
@@ -278,22 +278,25 @@ def _bwd_kernel(
     bias = tl.load(bias_ptr + pid_d).to(tl.float32) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + pid_d).to(tl.float32) if HAS_D else 0.0
     last = tl.arange(0, TT) == TT - 1  # the thread that carries the gradient from chunk to chunk
-    first = tl.arange(0, TT) == 0
     sn = st + tl.zeros((TT,), dtype=tl.int64)
     # dh0 is the carry: every state's gradient flowing into the current chunk from the right,
     # a_{t+1} g_{t+1} at its last step (at the sequence's end, the last state's own gradient),
-    # written and read by the last thread. dA's running sum waits in dA, kept by thread 0.
+    # written and read by the last thread.
     for n in tl.static_range(N):
         q = tl.load(dhlast_ptr + sn + n) if HAS_DHLAST else tl.zeros((TT,), dtype=tl.float32)
         tl.store(dh0_ptr + sn + n, q, mask=last)
-        tl.store(dA_ptr + sn + n, tl.zeros((TT,), dtype=tl.float32), mask=first)
+    # dA's running sums, one per state, stay in registers: a read-modify-write of memory per state
+    # and chunk would put a load's latency in the state loop (the compiler will not hoist it over the
+    # atomics). NP, n rounded up to a power of two, is the vector's length.
+    states = tl.arange(0, NP)
+    dA_acc = tl.zeros((NP,), dtype=tl.float32)
     dD_acc = tl.zeros((TT,), dtype=tl.float32)
     dbias_acc = tl.zeros((TT,), dtype=tl.float32)
     n_chunks = tl.cdiv(L, T)
 
     for k in range(0, n_chunks):
         c = n_chunks - 1 - k  # chunks in reverse order
-        tl.debug_barrier()  # what the last chunk stored in dh0 and dA is visible to every thread now
+        tl.debug_barrier()  # what the last chunk stored in dh0 is visible to every thread now
         t = c * T + j * TI + i
         m = t < L
         sv = ((pid_b * n_chunks + c) * dim + pid_d) * N  # hsave (b, chunks, d, n)
@@ -336,7 +339,7 @@ def _bwd_kernel(
             gB += g * Bn
             dA_n = tl.sum(tl.sum(w * dt, axis=0), axis=0)
             tl.store(dh0_ptr + sn + ns, q_out, mask=last)
-            tl.store(dA_ptr + sn + ns, tl.load(dA_ptr + sn + ns) + dA_n, mask=first)
+            dA_acc = tl.where(states == ns, dA_acc + dA_n, dA_acc)
             # dB_t and dC_t sum over all channels: this program adds its share.
             tl.atomic_add(dC_ptr + bc + ns * L + t, dy * hs, mask=m, sem="relaxed")
             tl.atomic_add(dB_ptr + bc + ns * L + t, g * dtu, mask=m, sem="relaxed")
@@ -358,7 +361,8 @@ def _bwd_kernel(
         tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
 
-    # Per-batch partial sums (dA, and dh0 = a_0 g_0, are in place); the wrapper adds them over the batch.
+    # Per-batch partial sums (dh0 = a_0 g_0 is in place); the wrapper adds them over the batch.
+    tl.store(dA_ptr + st + states, dA_acc, mask=states < N)
     tl.store(dD_ptr + pid_b * dim + pid_d, tl.sum(dD_acc, axis=0))
     tl.store(dbias_ptr + pid_b * dim + pid_d, tl.sum(dbias_acc, axis=0))
 
@@ -462,7 +466,7 @@ def _scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast,
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, d, l,
         N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_DHLAST=dlast is not None, **cfg,
+        SOFTPLUS=delta_softplus, HAS_DHLAST=dlast is not None, NP=_np(n), **cfg,
     )  # fmt: skip
     return du, ddelta, dz, dA, dB, dC, dD, dbias, dh0
 
