@@ -308,18 +308,11 @@ def step_timing(names, b, d, n, bw, log):
         fn = backends.get(nm).selective_state_update
         eager = timed(lambda: fn(state, *args), 100)
         try:
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            with torch.cuda.stream(stream):
-                fn(state, *args)  # warm up (compiles) outside the capture
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                fn(state, *args)
-            graphed = timed(graph.replay, 100)
+            in_graph = timed(graphed(lambda: fn(state, *args)), 100)
         except Exception as e:
-            graphed = float("nan")
+            in_graph = float("nan")
             log(f"  step {nm}: CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]})")
-        log(f"  decode step b={b} d={d} n={n} {nm:<10} eager {eager * 1e3:7.1f} us  in a CUDA graph {graphed * 1e3:7.1f} us"
+        log(f"  decode step b={b} d={d} n={n} {nm:<10} eager {eager * 1e3:7.1f} us  in a CUDA graph {in_graph * 1e3:7.1f} us"
             f"  (state floor {8 * b * d * n / bw * 1e6:.2f} us)")
 
 
@@ -370,7 +363,6 @@ def main():
     for l in map(int, args.check_lengths.split(",")):
         check([nm for nm in names if nm != "reference" or l <= 8192], b, d, n, l, log)
 
-    step_timing(names, b, d, n, bw, log)
     rows = []
     for l in map(int, args.lengths.split(",")):
         x = make_inputs(b, d, n, l)
@@ -381,24 +373,32 @@ def main():
             with torch.no_grad():
                 t_f = timed(lambda: call(nm, x), rep)
             t_fb = timed(lambda: fwd_bwd(nm, x, gy), rep)
-            row = dict(backend=nm, l=l, fwd_ms=t_f, fwd_bwd_ms=t_fb,
+            try:  # the same step replayed as a CUDA graph: the GPU's time without the host's
+                t_fb_graph = timed(graphed(lambda: fwd_bwd(nm, x, gy)), rep)
+            except Exception as e:  # e.g. out of memory for the reference at long lengths
+                t_fb_graph = float("nan")
+                log(f"  l={l} {nm}: no CUDA graph ({type(e).__name__}: {str(e)[:120]})")
+            row = dict(backend=nm, l=l, fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_bwd_graph_ms=t_fb_graph,
                        fwd_floor_ms=f_bytes / bw * 1e3, fwd_bwd_floor_ms=fb_bytes / bw * 1e3,
                        fwd_TBps=f_bytes / (t_f * 1e-3) / 1e12, fwd_bwd_TBps=fb_bytes / (t_fb * 1e-3) / 1e12)  # fmt: skip
             rows.append(row)
-            log(f"  l={l:>6} {nm:<10} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms")
+            log(f"  l={l:>6} {nm:<10} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms  (in a CUDA graph {t_fb_graph:8.3f} ms)")
         del x, gy
         torch.cuda.empty_cache()
 
     log("")
     log(f"b={b} d={d} n={n} bf16, bias+softplus, D, z.  floor = bytes that must move / {bw / 1e12:.2f} TB/s copy bandwidth")
-    log("| l | backend | fwd ms | fwd x floor | fwd TB/s | fwd+bwd ms | fwd+bwd x floor | fwd+bwd TB/s | fwd+bwd vs mamba_ssm |")
-    log("|---|---|---|---|---|---|---|---|---|")
+    log("| l | backend | fwd ms | fwd x floor | fwd TB/s | fwd+bwd ms | fwd+bwd x floor | fwd+bwd TB/s | fwd+bwd vs mamba_ssm "
+        "| fwd+bwd in a CUDA graph ms | graph vs mamba_ssm's graph |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = [x for x in rows if x["backend"] == "mamba_ssm" and x["l"] == r["l"]]
         vs = f"{r['fwd_bwd_ms'] / m[0]['fwd_bwd_ms']:.2f}x" if m else "-"
+        vs_graph = f"{r['fwd_bwd_graph_ms'] / m[0]['fwd_bwd_graph_ms']:.2f}x" if m else "-"
         log(f"| {r['l']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_ms'] / r['fwd_floor_ms']:.1f} | "
             f"{r['fwd_TBps']:.2f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_ms'] / r['fwd_bwd_floor_ms']:.1f} | "
-            f"{r['fwd_bwd_TBps']:.2f} | {vs} |")  # fmt: skip
+            f"{r['fwd_bwd_TBps']:.2f} | {vs} | {r['fwd_bwd_graph_ms']:.3f} | {vs_graph} |")  # fmt: skip
+    step_timing(names, b, d, n, bw, log)
     log(f"triton CONFIG: {triton_scan.CONFIG}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ with the same run-and-threads split, and reads every gradient off g (derivation 
 dB and dC sum over channels, that is over programs: each program adds its share atomically.
 
 All arithmetic is float32 whatever the input dtype (bf16, fp16, fp32); outputs take the input dtypes.
-The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break),
+The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break;
+eagerly they are called directly, without the dispatcher's host time),
 and `SelectiveScanFn` ties the forward and backward together for autograd.
 """
 
@@ -419,7 +420,6 @@ def _np(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-@triton_op("minijamba::triton_scan_fwd", mutates_args=())
 def _scan_fwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
@@ -444,7 +444,6 @@ def _scan_fwd(
     return out, last, hsave
 
 
-@triton_op("minijamba::triton_scan_bwd", mutates_args=())
 def _scan_bwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
@@ -471,7 +470,6 @@ def _scan_bwd(
     return du, ddelta, dz, dA, dB, dC, dD, dbias, dh0
 
 
-@triton_op("minijamba::triton_state_update", mutates_args={"state"})
 def _state_update(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
@@ -490,6 +488,14 @@ def _state_update(
     return out
 
 
+# torch.compile traces through these ops (no graph break). Eagerly their Python bodies are called
+# directly: the dispatcher's layers around a custom op cost ~45 us of host time a call, as long as a
+# short sequence's forward kernel runs.
+triton_op("minijamba::triton_scan_fwd", mutates_args=())(_scan_fwd)
+triton_op("minijamba::triton_scan_bwd", mutates_args=())(_scan_bwd)
+triton_op("minijamba::triton_state_update", mutates_args={"state"})(_state_update)
+
+
 # --- autograd and the public functions -----------------------------------------------------------
 
 
@@ -500,7 +506,8 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         save = any(ctx.needs_input_grad)
-        out, last, hsave = torch.ops.minijamba.triton_scan_fwd(
+        fwd = torch.ops.minijamba.triton_scan_fwd if torch.compiler.is_compiling() else _scan_fwd
+        out, last, hsave = fwd(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save
         )
         ctx.set_materialize_grads(False)
@@ -515,7 +522,8 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, hsave = ctx.saved_tensors
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = None if dlast is None else dlast.contiguous()
-        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = torch.ops.minijamba.triton_scan_bwd(
+        bwd = torch.ops.minijamba.triton_scan_bwd if torch.compiler.is_compiling() else _scan_bwd
+        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = bwd(
             u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast, ctx.delta_softplus
         )
         return (
@@ -588,6 +596,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
     x, dt, B, C, z = map(last_contiguous, (x, dt, B, C, z))
-    return torch.ops.minijamba.triton_state_update(
+    step = torch.ops.minijamba.triton_state_update if torch.compiler.is_compiling() else _state_update
+    return step(
         state, x, dt, A.contiguous(), B, C, _c(D), z, _c(dt_bias), bool(dt_softplus)
     )
