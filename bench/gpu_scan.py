@@ -213,6 +213,33 @@ def graphed(fn):
     return graph.replay
 
 
+def host_profile(nm, step, log, calls=50):
+    """The host's time per call (the GPU waits for it when it is longer than the kernels), and
+    where it goes: the functions with the most time of their own, from cProfile."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    host = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    top = [ln.strip() for ln in out.getvalue().splitlines() if ln.strip()[:1].isdigit()][:12]
+    log(f"    host time per call {host * 1e3:.3f} ms (no profiler); cProfile, own time over {calls} calls:")
+    for ln in top:
+        log(f"      {ln[:150]}")
+
+
 def parts(names, b, d, n, lengths, log):
     """Where forward+backward's time goes: each pass alone, the whole step eagerly and as a CUDA graph
     (the difference is host overhead), and the kernels of one step from the profiler."""
@@ -236,6 +263,7 @@ def parts(names, b, d, n, lengths, log):
                 bwd = timed(lambda: torch.autograd.grad(y, [xs[k] for k in GRAD_ARGS], gy, retain_graph=True), 200)
                 extra = f"  backward alone {bwd:7.3f} ms"
             log(f"  parts l={l:>6} {nm:<10} fwd+bwd eager {eager:7.3f} ms  in a CUDA graph {in_graph:7.3f} ms{extra}")
+            host_profile(nm, step, log)
             try:
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(5):

@@ -267,7 +267,7 @@ def _bwd_kernel(
     dim, L,
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr,
-    TI: tl.constexpr, TT: tl.constexpr, NP: tl.constexpr,
+    TI: tl.constexpr, TT: tl.constexpr,
 ):  # fmt: skip
     T: tl.constexpr = TI * TT
     pid_d = tl.program_id(0)
@@ -286,11 +286,14 @@ def _bwd_kernel(
     for n in tl.static_range(N):
         q = tl.load(dhlast_ptr + sn + n) if HAS_DHLAST else tl.zeros((TT,), dtype=tl.float32)
         tl.store(dh0_ptr + sn + n, q, mask=last)
-    # dA's running sums, one per state, stay in registers: a read-modify-write of memory per state
-    # and chunk would put a load's latency in the state loop (the compiler will not hoist it over the
-    # atomics). NP, n rounded up to a power of two, is the vector's length.
-    states = tl.arange(0, NP)
-    dA_acc = tl.zeros((NP,), dtype=tl.float32)
+    # dA's running sums are kept per thread, (b, d, n, TT), each thread's own sum over its steps:
+    # no sum across threads in the state loop (its shuffles are a chain of latencies), and the
+    # thread's running value is loaded one state ahead like the other inputs. The wrapper adds
+    # the TT partial sums.
+    lanes = tl.arange(0, TT)
+    dAp = dA_ptr + st * TT + lanes  # this program's (n, TT) rows   (TT,)
+    for n in tl.static_range(N):
+        tl.store(dAp + n * TT, tl.zeros((TT,), dtype=tl.float32))
     dD_acc = tl.zeros((TT,), dtype=tl.float32)
     dbias_acc = tl.zeros((TT,), dtype=tl.float32)
     n_chunks = tl.cdiv(L, T)
@@ -322,12 +325,15 @@ def _bwd_kernel(
         # The backward's carry is the gradient in dh0; it also reads the state entering the chunk.
         nxt = _state_inputs(B_ptr, C_ptr, A_ptr, dh0_ptr, bc, t, m, L, pid_d, sn, pid_d % N, N)
         h_next = tl.load(hsave_ptr + sv + pid_d % N)
+        dA_next = tl.load(dAp + (pid_d % N) * TT)
         for r in range(0, N):  # a loop, not unrolled: one state's addresses live at a time
             ns = (pid_d + r) % N
             Bn, Cn, A_nat, q_in = nxt
             h_in = h_next
             nxt = _state_inputs(B_ptr, C_ptr, A_ptr, dh0_ptr, bc, t, m, L, pid_d, sn, (pid_d + r + 1) % N, N)
             h_next = tl.load(hsave_ptr + sv + (pid_d + r + 1) % N)
+            dA_in = dA_next
+            dA_next = tl.load(dAp + ((pid_d + r + 1) % N) * TT)
             # Recompute this state's h over the chunk from its saved starting value.
             a = tl.exp2(dt * (A_nat * LOG2E))  # a_t
             x = dtu * Bn  # x_t
@@ -338,9 +344,8 @@ def _bwd_kernel(
             w = g * (hs - x)  # g_t a_t h_{t-1}
             wA += w * A_nat
             gB += g * Bn
-            dA_n = tl.sum(tl.sum(w * dt, axis=0), axis=0)
             tl.store(dh0_ptr + sn + ns, q_out, mask=last)
-            dA_acc = tl.where(states == ns, dA_acc + dA_n, dA_acc)
+            tl.store(dAp + ns * TT, dA_in + tl.sum(w * dt, axis=0))  # this thread's steps
             # dB_t and dC_t sum over all channels: this program adds its share.
             tl.atomic_add(dC_ptr + bc + ns * L + t, dy * hs, mask=m, sem="relaxed")
             tl.atomic_add(dB_ptr + bc + ns * L + t, g * dtu, mask=m, sem="relaxed")
@@ -363,7 +368,6 @@ def _bwd_kernel(
         tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
 
     # Per-batch partial sums (dh0 = a_0 g_0 is in place); the wrapper adds them over the batch.
-    tl.store(dA_ptr + st + states, dA_acc, mask=states < N)
     tl.store(dD_ptr + pid_b * dim + pid_d, tl.sum(dD_acc, axis=0))
     tl.store(dbias_ptr + pid_b * dim + pid_d, tl.sum(dbias_acc, axis=0))
 
@@ -458,16 +462,16 @@ def _scan_bwd(
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
-    dA, dh0 = torch.empty(b, d, n, **f32), torch.empty(b, d, n, **f32)
+    dA, dh0 = torch.empty(b, d, n, cfg["TT"], **f32), torch.empty(b, d, n, **f32)
     dB, dC = torch.zeros(b, n, l, **f32), torch.zeros(b, n, l, **f32)
     dD, dbias = torch.empty(b, d, **f32), torch.empty(b, d, **f32)
     _launcher(_bwd_kernel)[(d, b)](
         u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast,
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, d, l,
         N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_DHLAST=dlast is not None, NP=_np(n), **cfg,
+        SOFTPLUS=delta_softplus, HAS_DHLAST=dlast is not None, **cfg,
     )  # fmt: skip
-    return du, ddelta, dz, dA, dB, dC, dD, dbias, dh0
+    return du, ddelta, dz, dA.sum(-1), dB, dC, dD, dbias, dh0
 
 
 def _state_update(
