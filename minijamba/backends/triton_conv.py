@@ -43,8 +43,7 @@ forward + backward at 3.9x. The k shifted loads of each pass come from L2, not D
 about 5 TB/s the L2 reads, k per pass (2k in the backward: pre, then dw), bound both kernels.
 Loading each tile once and shifting it in registers, as dpre is shifted, is the next step.
 
-The wrappers are `torch.library.triton_op`s, so torch.compile sees through them (no graph break;
-eagerly they are called directly, without the dispatcher's host time);
+The wrappers are `torch.library.triton_op`s, so torch.compile sees through them (no graph break);
 `CausalConv1dFn` ties forward and backward together for autograd. CUDA tensors only, unless
 TRITON_INTERPRET=1 (Triton's CPU interpreter, which the tests use).
 """
@@ -235,6 +234,7 @@ def _context_strides(context: torch.Tensor | None) -> tuple[int, int, int]:
     return tuple(context.stride()) if _has_context(context) else (0, 0, 0)
 
 
+@triton_op("minijamba::triton_causal_conv1d_fwd", mutates_args=())
 def _conv_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None, silu: bool
 ) -> torch.Tensor:
@@ -252,6 +252,7 @@ def _conv_fwd(
     return y
 
 
+@triton_op("minijamba::triton_causal_conv1d_bwd", mutates_args=())
 def _conv_bwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None,
     dy: torch.Tensor, silu: bool,
@@ -281,11 +282,6 @@ def _conv_bwd(
     return dx, dctx, dw, dbias
 
 
-# torch.compile traces through these ops; eagerly their bodies are called directly (see triton_scan).
-triton_op("minijamba::triton_causal_conv1d_fwd", mutates_args=())(_conv_fwd)
-triton_op("minijamba::triton_causal_conv1d_bwd", mutates_args=())(_conv_bwd)
-
-
 # --- autograd and the public function --------------------------------------------------------------
 
 
@@ -297,13 +293,12 @@ class CausalConv1dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, context, silu):
         ctx.silu = silu
         ctx.save_for_backward(x, weight, bias, context)
-        fwd = torch.ops.minijamba.triton_causal_conv1d_fwd if torch.compiler.is_compiling() else _conv_fwd
-        return fwd(x, weight, bias, context, silu)
+        return torch.ops.minijamba.triton_causal_conv1d_fwd(x, weight, bias, context, silu)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, context = ctx.saved_tensors
-        bwd = torch.ops.minijamba.triton_causal_conv1d_bwd if torch.compiler.is_compiling() else _conv_bwd
+        bwd = torch.ops.minijamba.triton_causal_conv1d_bwd
         dx, dctx, dw, dbias = bwd(x, weight, bias, context, dy, ctx.silu)
         return (
             dx, dw.sum(0).to(weight.dtype),  # rounded to x's dtype, as F.conv1d's weight gradient is

@@ -40,8 +40,7 @@ with the same run-and-threads split, and reads every gradient off g (derivation 
 dB and dC sum over channels, that is over programs: each program adds its share atomically.
 
 All arithmetic is float32 whatever the input dtype (bf16, fp16, fp32); outputs take the input dtypes.
-The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break;
-eagerly they are called directly, without the dispatcher's host time),
+The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break),
 and `SelectiveScanFn` ties the forward and backward together for autograd.
 """
 
@@ -424,6 +423,7 @@ def _np(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+@triton_op("minijamba::triton_scan_fwd", mutates_args=())
 def _scan_fwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
@@ -448,6 +448,7 @@ def _scan_fwd(
     return out, last, hsave
 
 
+@triton_op("minijamba::triton_scan_bwd", mutates_args=())
 def _scan_bwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
@@ -474,6 +475,7 @@ def _scan_bwd(
     return du, ddelta, dz, dA.sum(-1), dB, dC, dD, dbias, dh0
 
 
+@triton_op("minijamba::triton_state_update", mutates_args={"state"})
 def _state_update(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
@@ -492,14 +494,6 @@ def _state_update(
     return out
 
 
-# torch.compile traces through these ops (no graph break). Eagerly their Python bodies are called
-# directly: the dispatcher's layers around a custom op cost ~45 us of host time a call, as long as a
-# short sequence's forward kernel runs.
-triton_op("minijamba::triton_scan_fwd", mutates_args=())(_scan_fwd)
-triton_op("minijamba::triton_scan_bwd", mutates_args=())(_scan_bwd)
-triton_op("minijamba::triton_state_update", mutates_args={"state"})(_state_update)
-
-
 # --- autograd and the public functions -----------------------------------------------------------
 
 
@@ -510,8 +504,7 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         save = any(ctx.needs_input_grad)
-        fwd = torch.ops.minijamba.triton_scan_fwd if torch.compiler.is_compiling() else _scan_fwd
-        out, last, hsave = fwd(
+        out, last, hsave = torch.ops.minijamba.triton_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save
         )
         ctx.set_materialize_grads(False)
@@ -526,8 +519,7 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, hsave = ctx.saved_tensors
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = None if dlast is None else dlast.contiguous()
-        bwd = torch.ops.minijamba.triton_scan_bwd if torch.compiler.is_compiling() else _scan_bwd
-        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = bwd(
+        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = torch.ops.minijamba.triton_scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast, ctx.delta_softplus
         )
         return (
@@ -600,7 +592,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
     x, dt, B, C, z = map(last_contiguous, (x, dt, B, C, z))
-    step = torch.ops.minijamba.triton_state_update if torch.compiler.is_compiling() else _state_update
-    return step(
+    return torch.ops.minijamba.triton_state_update(
         state, x, dt, A.contiguous(), B, C, _c(D), z, _c(dt_bias), bool(dt_softplus)
     )
