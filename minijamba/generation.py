@@ -76,13 +76,14 @@ def prefill(model, input_ids, state: InferenceState, attention_mask=None, chunk:
 def generate_stream(
     model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None,
     attention_mask=None, state: InferenceState | None = None, prefill_chunk: int | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool = False, compile_step: bool | dict = False,
 ) -> Iterator[torch.Tensor]:  # fmt: skip
     """Yield the next token of every row, (b,), max_new_tokens times. prefill_chunk: run the prompt
     this many tokens at a time (None: in one piece); the result is the same either way.
     cuda_graph: decode through `minijamba.cuda_graph.DecodeStep`, each step one CUDA graph replay
     when the model is on a GPU (there it must be bfloat16), the same step run eagerly elsewhere;
-    the same tokens up to rounding."""
+    the same tokens up to rounding. compile_step: also torch.compile that step (True, or the options
+    for torch.compile) before it is captured: slow once, then fewer kernels per token."""
     b, l = input_ids.shape
     if l == 0:
         raise ValueError("the prompt is empty: generation needs at least one token to start from")
@@ -106,10 +107,10 @@ def generate_stream(
     if state is None:
         state = model.new_state(b, l + max_new_tokens)
     logits = prefill(model, input_ids, state, attention_mask, prefill_chunk)  # (b, V)
-    if cuda_graph:
+    if cuda_graph or compile_step:
         from minijamba.cuda_graph import DecodeStep
 
-        step = DecodeStep(model, state)
+        step = DecodeStep(model, state, graph=None if cuda_graph else False, compile=compile_step)
     else:
         step = lambda token: model(token[:, None], state=state, logits_to_keep=1)[:, -1]  # noqa: E731 (a one-line step)
     for i in range(max_new_tokens):
@@ -122,15 +123,16 @@ def generate_stream(
 def generate(
     model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None,
     attention_mask=None, prefill_chunk: int | None = None, cuda_graph: bool = False,
+    compile_step: bool | dict = False,
 ) -> torch.Tensor:  # fmt: skip
     """Prompt + new tokens, (b, l + max_new_tokens). Greedy at temperature 0; batched; prompts of
     different lengths are left-padded with `attention_mask` (b, l) marking real tokens with 1.
     prefill_chunk: run the prompt this many tokens at a time (bounds activation memory).
-    cuda_graph: each decoding step one CUDA graph replay (see `generate_stream`)."""
+    cuda_graph, compile_step: each decoding step one CUDA graph replay, compiled (see `generate_stream`)."""
     new = list(
         generate_stream(
             model, input_ids, max_new_tokens, temperature, top_k, top_p, generator, attention_mask,
-            prefill_chunk=prefill_chunk, cuda_graph=cuda_graph,
+            prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, compile_step=compile_step,
         )
     )  # fmt: skip
     return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids.clone()

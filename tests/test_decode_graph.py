@@ -72,6 +72,19 @@ def test_generate_with_cuda_graph_gives_the_same_tokens(config, b, l, new, seed)
     assert torch.equal(generate(model, ids, new, cuda_graph=True), generate(model, ids, new))
 
 
+def test_generate_with_a_compiled_step_gives_the_same_tokens():
+    """compile_step traces the decoding step through torch.compile (here its eager backend, which
+    compiles nothing): the same greedy tokens as the plain loop, with and without the graph-ready step."""
+    config = JambaConfig.from_preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_attention_heads=2, num_key_value_heads=1, num_experts=4)  # fmt: skip
+    model = make_model(config, 3)
+    ids = torch.randint(0, config.vocab_size, (2, 5), generator=gen(3))
+    expected = generate(model, ids, 6)
+    for cuda_graph in (False, True):
+        got = generate(model, ids, 6, cuda_graph=cuda_graph, compile_step={"backend": "eager"})
+        assert torch.equal(got, expected), cuda_graph
+
+
 def test_step_refuses_what_it_cannot_do():
     model = make_model(JambaConfig.from_preset("tiny", vocab_size=32), 0)
     state = model.new_state(1, 3)

@@ -32,9 +32,10 @@ import torch
 
 ENV_VAR = "MINIJAMBA_SCAN_BACKEND"
 
-# What --fast prefers, best first, measured on an H200 (bench/RESULTS.md). Training: mamba-ssm's
-# forward + backward is 1.1-1.5x faster than our Triton kernels. Inference (prefill): our Triton
-# forward is 0.8-0.9x mamba-ssm's time. Under torch.compile: triton, which it can see through.
+# What --fast prefers, best first, measured on an H200 (bench/RESULTS.md). Training: at the
+# batched 2K-token steps training runs, mamba-ssm's forward + backward is 1.08x faster than ours
+# (ours is 0.91-0.94x its time from 8K tokens on). Inference (prefill): our Triton forward is
+# 0.82-0.90x mamba-ssm's time. Under torch.compile: triton, which it can see through.
 FAST_ORDER = {"training": ("mamba_ssm", "triton"), "inference": ("triton", "mamba_ssm")}
 
 INSTALL_HINT = {
