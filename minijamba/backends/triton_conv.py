@@ -43,7 +43,8 @@ forward + backward at 3.9x. The k shifted loads of each pass come from L2, not D
 about 5 TB/s the L2 reads, k per pass (2k in the backward: pre, then dw), bound both kernels.
 Loading each tile once and shifting it in registers, as dpre is shifted, is the next step.
 
-The wrappers are `torch.library.triton_op`s, so torch.compile sees through them (no graph break);
+The wrappers are `torch.library.triton_op`s (registered as triton_scan's are, with `custom_op`), so
+torch.compile sees through them (no graph break), and eager calls launch the kernels directly.
 `CausalConv1dFn` ties forward and backward together for autograd. CUDA tensors only, unless
 TRITON_INTERPRET=1 (Triton's CPU interpreter, which the tests use).
 """
@@ -55,7 +56,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from minijamba.backends.triton_scan import custom_op, run_op
 
 # Launch shapes. BLOCK_D channels x BLOCK_L positions a program; the backward's BLOCK_L is raised
 # to at least 2k so that its windows overlap by at most half. The fastest of bench/gpu_conv.py
@@ -70,11 +72,6 @@ PROGRAMS = 1024  # the backward's programs in all (each walks a run of windows):
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _launcher(kernel):
-    """The kernel in a form torch.compile can trace; the plain kernel under Triton's interpreter."""
-    return kernel if _interpreting() else wrap_triton(kernel)
 
 
 # --- the shared pieces -----------------------------------------------------------------------------
@@ -234,8 +231,9 @@ def _context_strides(context: torch.Tensor | None) -> tuple[int, int, int]:
     return tuple(context.stride()) if _has_context(context) else (0, 0, 0)
 
 
-@triton_op("minijamba::triton_causal_conv1d_fwd", mutates_args=())
+@custom_op("minijamba::triton_causal_conv1d_fwd", mutates_args=())
 def _conv_fwd(
+    launch,
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None, silu: bool
 ) -> torch.Tensor:
     """y (b, d, l), contiguous, in x's dtype. weight (d, k) contiguous; all in x's dtype."""
@@ -245,15 +243,16 @@ def _conv_fwd(
     y = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(l, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]), b)
     has_ctx = _has_context(context)  # an unused pointer goes in as None (an empty tensor has none)
-    _launcher(_fwd_kernel)[grid](
+    launch(_fwd_kernel)[grid](
         x, weight, bias, context if has_ctx else None, y, d, l, *x.stride(), *_context_strides(context),
         K=k, HAS_BIAS=bias is not None, HAS_CONTEXT=has_ctx, SILU=silu, **cfg,
     )  # fmt: skip
     return y
 
 
-@triton_op("minijamba::triton_causal_conv1d_bwd", mutates_args=())
+@custom_op("minijamba::triton_causal_conv1d_bwd", mutates_args=())
 def _conv_bwd(
+    launch,
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None,
     dy: torch.Tensor, silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -273,7 +272,7 @@ def _conv_bwd(
     dctx = x.new_empty((b, d, k - 1) if context is not None else (0,))
     dw, dbias = torch.empty(b * runs, d, k, **f32), torch.empty(b * runs if bias is not None else 0, d, **f32)
     has_ctx = _has_context(context)
-    _launcher(_bwd_kernel)[(triton.cdiv(d, block_d), runs, b)](
+    launch(_bwd_kernel)[(triton.cdiv(d, block_d), runs, b)](
         x, weight, bias, context if has_ctx else None, dy, dx, dctx if has_ctx else None, dw,
         dbias if bias is not None else None, d, l, n_windows, per_program,
         *x.stride(), *_context_strides(context), *dy.stride(), *dx.stride(),
@@ -293,13 +292,13 @@ class CausalConv1dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, context, silu):
         ctx.silu = silu
         ctx.save_for_backward(x, weight, bias, context)
-        return torch.ops.minijamba.triton_causal_conv1d_fwd(x, weight, bias, context, silu)
+        return run_op(torch.ops.minijamba.triton_causal_conv1d_fwd, _conv_fwd, x, weight, bias, context, silu)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, context = ctx.saved_tensors
         bwd = torch.ops.minijamba.triton_causal_conv1d_bwd
-        dx, dctx, dw, dbias = bwd(x, weight, bias, context, dy, ctx.silu)
+        dx, dctx, dw, dbias = run_op(bwd, _conv_bwd, x, weight, bias, context, dy, ctx.silu)
         return (
             dx, dw.sum(0).to(weight.dtype),  # rounded to x's dtype, as F.conv1d's weight gradient is
             None if bias is None else dbias.sum(0).to(bias.dtype),

@@ -40,12 +40,14 @@ with the same run-and-threads split, and reads every gradient off g (derivation 
 dB and dC sum over channels, that is over programs: each program adds its share atomically.
 
 All arithmetic is float32 whatever the input dtype (bf16, fp16, fp32); outputs take the input dtypes.
-The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break),
+The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break);
+eagerly their bodies launch the kernels directly (`run_op`),
 and `SelectiveScanFn` ties the forward and backward together for autograd.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -74,9 +76,39 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launcher(kernel):
+def _traceable(kernel):
     """The kernel in a form torch.compile can trace; the plain kernel under Triton's interpreter."""
     return kernel if _interpreting() else wrap_triton(kernel)
+
+
+def _plain(kernel):
+    """The kernel itself, for eager calls. (Called outside its op, wrap_triton's traceable form
+    dispatches through a higher-order op: ~1 ms of host time a launch, measured on the H200.)"""
+    return kernel
+
+
+def custom_op(name: str, mutates_args=()):
+    """Register body(launch, *args) as the torch.library.triton_op `name`, which torch.compile traces
+    through (launch=_traceable), and return body itself, for `run_op` to call eagerly."""
+
+    def register(body):
+        def op(*args):
+            return body(_traceable, *args)
+
+        sig = inspect.signature(body)
+        op.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])  # without launch
+        op.__name__ = op.__qualname__ = body.__name__
+        triton_op(name, mutates_args=mutates_args)(op)
+        return body
+
+    return register
+
+
+def run_op(op, body, *args):
+    """Under torch.compile the registered op (no graph break); eagerly its body with plain launches,
+    without the dispatcher's layers around a custom op (they cost more host time than a 2K-step
+    sequence's scan takes on the GPU)."""
+    return op(*args) if torch.compiler.is_compiling() else body(_plain, *args)
 
 
 # --- small device functions ----------------------------------------------------------------------
@@ -423,8 +455,9 @@ def _np(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-@triton_op("minijamba::triton_scan_fwd", mutates_args=())
+@custom_op("minijamba::triton_scan_fwd", mutates_args=())
 def _scan_fwd(
+    launch,
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
     initial_state: torch.Tensor | None, delta_softplus: bool, save_states: bool,
@@ -440,7 +473,7 @@ def _scan_fwd(
     out = torch.empty_like(u)
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
     hsave = u.new_empty((b, triton.cdiv(l, tb), d, n) if save_states else (0,), dtype=torch.float32)
-    _launcher(_fwd_kernel)[(d, b)](
+    launch(_fwd_kernel)[(d, b)](
         u, delta, A, B, C, D, z, delta_bias, initial_state, out, last, hsave, d, l,
         N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, SAVE=save_states, TB=tb, **cfg,
@@ -448,8 +481,9 @@ def _scan_fwd(
     return out, last, hsave
 
 
-@triton_op("minijamba::triton_scan_bwd", mutates_args=())
+@custom_op("minijamba::triton_scan_bwd", mutates_args=())
 def _scan_bwd(
+    launch,
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
     hsave: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None, delta_softplus: bool,
@@ -466,7 +500,7 @@ def _scan_bwd(
     dA, dh0 = torch.empty(b, d, n, cfg["TT"], **f32), torch.empty(b, d, n, **f32)
     dB, dC = torch.zeros(b, n, l, **f32), torch.zeros(b, n, l, **f32)
     dD, dbias = torch.empty(b, d, **f32), torch.empty(b, d, **f32)
-    _launcher(_bwd_kernel)[(d, b)](
+    launch(_bwd_kernel)[(d, b)](
         u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast,
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, d, l,
         N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -475,8 +509,9 @@ def _scan_bwd(
     return du, ddelta, dz, dA.sum(-1), dB, dC, dD, dbias, dh0
 
 
-@triton_op("minijamba::triton_state_update", mutates_args={"state"})
+@custom_op("minijamba::triton_state_update", mutates_args={"state"})
 def _state_update(
+    launch,
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
     dt_softplus: bool,
@@ -484,7 +519,7 @@ def _state_update(
     b, d, n = state.shape
     block_d, warps = CONFIG["step"]["BD"], CONFIG["step"]["num_warps"]
     out = torch.empty(b, d, device=x.device, dtype=x.dtype)
-    _launcher(_step_kernel)[(triton.cdiv(d, block_d), b)](
+    launch(_step_kernel)[(triton.cdiv(d, block_d), b)](
         state, x, dt, A, B, C, D, z, dt_bias, out, d, n,
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), dt.stride(0), B.stride(0),
         C.stride(0), z.stride(0) if z is not None else 0,
@@ -504,9 +539,10 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         save = any(ctx.needs_input_grad)
-        out, last, hsave = torch.ops.minijamba.triton_scan_fwd(
-            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save
-        )
+        out, last, hsave = run_op(
+            torch.ops.minijamba.triton_scan_fwd, _scan_fwd,
+            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save,
+        )  # fmt: skip
         ctx.set_materialize_grads(False)
         ctx.delta_softplus = delta_softplus
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
@@ -519,9 +555,10 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, hsave = ctx.saved_tensors
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = None if dlast is None else dlast.contiguous()
-        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = torch.ops.minijamba.triton_scan_bwd(
-            u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast, ctx.delta_softplus
-        )
+        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = run_op(
+            torch.ops.minijamba.triton_scan_bwd, _scan_bwd,
+            u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast, ctx.delta_softplus,
+        )  # fmt: skip
         return (
             du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if D is None else dD.sum(0).to(D.dtype),
@@ -592,6 +629,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
     x, dt, B, C, z = map(last_contiguous, (x, dt, B, C, z))
-    return torch.ops.minijamba.triton_state_update(
-        state, x, dt, A.contiguous(), B, C, _c(D), z, _c(dt_bias), bool(dt_softplus)
-    )
+    return run_op(
+        torch.ops.minijamba.triton_state_update, _state_update,
+        state, x, dt, A.contiguous(), B, C, _c(D), z, _c(dt_bias), bool(dt_softplus),
+    )  # fmt: skip
