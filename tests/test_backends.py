@@ -45,17 +45,17 @@ def _small_launches_in_the_interpreter():
     if GPU or "triton" not in FAST:
         yield
         return
-    from minijamba.backends import triton_scan
+    from minijamba.backends import triton_ops, triton_scan, triton_step
 
-    if not triton_scan._interpreting():
+    if not triton_ops.interpreting():
         pytest.skip("triton_scan was imported before TRITON_INTERPRET=1 was set in this process")
-    saved = dict(triton_scan.CONFIG)
+    saved, saved_step = dict(triton_scan.CONFIG), dict(triton_step.CONFIG)
     small = dict(TI=2, TT=2, num_warps=1)  # chunks of 4 steps: 2 threads of 2 steps
-    triton_scan.CONFIG.update(
-        fwd=dict(small, TT=4), fwd_train=small, bwd=small, step=dict(BD=4, num_warps=1)
-    )
+    triton_scan.CONFIG.update(fwd=dict(small, TT=4), fwd_train=small, bwd=small)
+    triton_step.CONFIG.update(BD=4, num_warps=1)
     yield
     triton_scan.CONFIG.update(saved)
+    triton_step.CONFIG.update(saved_step)
 
 
 def inputs(b, d, n, l, seed, dtype, softplus=True, use=("D", "z", "delta_bias", "initial_state")):

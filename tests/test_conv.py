@@ -65,9 +65,9 @@ def _interpreter_like_the_gpu():
         return
     from triton.runtime.interpreter import InterpreterBuilder
 
-    from minijamba.backends import triton_conv
+    from minijamba.backends import triton_conv, triton_ops
 
-    if not triton_conv._interpreting():
+    if not triton_ops.interpreting():
         pytest.skip("triton_conv was imported before TRITON_INTERPRET=1 was set in this process")
     saved, programs = dict(triton_conv.CONFIG), triton_conv.PROGRAMS
     trunc = InterpreterBuilder.create_fp_trunc

@@ -13,7 +13,7 @@ and calls them. Optional packages are imported only when their backend is asked 
 
     reference   minijamba.ssm and minijamba.mamba.causal_conv1d, plain PyTorch; runs anywhere (the
                 one to read)
-    triton      minijamba.backends.triton_scan and triton_conv, our Triton kernels; CUDA GPUs (or,
+    triton      minijamba.backends.triton_scan, triton_step and triton_conv, our Triton kernels; CUDA GPUs (or,
                 slowly, Triton's CPU interpreter with TRITON_INTERPRET=1, which the tests use);
                 torch.compile sees through them
     mamba_ssm   mamba-ssm's CUDA scan and Triton decoding step, through minijamba.backends.mamba_ssm,
@@ -59,10 +59,10 @@ def _reference() -> Backend:
 
 
 def _triton() -> Backend:
-    from minijamba.backends import triton_conv, triton_scan
+    from minijamba.backends import triton_conv, triton_scan, triton_step
 
     return Backend(
-        "triton", triton_scan.selective_scan, triton_scan.selective_state_update, triton_conv.causal_conv1d
+        "triton", triton_scan.selective_scan, triton_step.selective_state_update, triton_conv.causal_conv1d
     )
 
 

@@ -43,21 +43,19 @@ forward + backward at 3.9x. The k shifted loads of each pass come from L2, not D
 about 5 TB/s the L2 reads, k per pass (2k in the backward: pre, then dw), bound both kernels.
 Loading each tile once and shifting it in registers, as dpre is shifted, is the next step.
 
-The wrappers are `torch.library.triton_op`s (registered as triton_scan's are, with `custom_op`), so
-torch.compile sees through them (no graph break), and eager calls launch the kernels directly.
+The wrappers are `torch.library.triton_op`s (`minijamba.backends.triton_ops`), so torch.compile
+sees through them (no graph break), and eager calls launch the kernels directly.
 `CausalConv1dFn` ties forward and backward together for autograd. CUDA tensors only, unless
 TRITON_INTERPRET=1 (Triton's CPU interpreter, which the tests use).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from minijamba.backends.triton_scan import custom_op, run_op
+from minijamba.backends.triton_ops import custom_op, interpreting, run_op
 
 # Launch shapes. BLOCK_D channels x BLOCK_L positions a program; the backward's BLOCK_L is raised
 # to at least 2k so that its windows overlap by at most half. The fastest of bench/gpu_conv.py
@@ -68,10 +66,6 @@ CONFIG = {
     "bwd": dict(BLOCK_L=64, BLOCK_D=32, num_warps=4),
 }
 PROGRAMS = 1024  # the backward's programs in all (each walks a run of windows): ~8 per SM of an H200
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --- the shared pieces -----------------------------------------------------------------------------
@@ -335,7 +329,7 @@ def _check(x, weight, bias, context):
     span = sum((n - 1) * abs(st) for n, st in zip(x.shape[1:], x.stride()[1:]))
     if span >= 2**31:
         raise ValueError(f"one sequence of x spans {span} elements: the kernels index within one in int32")
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the triton backend runs on CUDA tensors, got {x.device}; use scan_backend='reference' "
             "on this device (or set TRITON_INTERPRET=1 to run the kernels slowly on the CPU)"

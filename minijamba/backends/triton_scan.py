@@ -1,4 +1,5 @@
-"""The selective scan and its decoding step as Triton kernels: the `triton` backend.
+"""The selective scan as Triton kernels, forward and backward: the `triton` backend's scan (its
+decoding step is `triton_step`, its conv `triton_conv`).
 
 Glossary (as in `minijamba.ssm`, whose functions these replace and whose results they must equal):
 
@@ -41,74 +42,32 @@ dB and dC sum over channels, that is over programs: each program adds its share 
 
 All arithmetic is float32 whatever the input dtype (bf16, fp16, fp32); outputs take the input dtypes.
 The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break);
-eagerly their bodies launch the kernels directly (`run_op`),
+eagerly they launch the kernels directly (`minijamba.backends.triton_ops`),
 and `SelectiveScanFn` ties the forward and backward together for autograd.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from minijamba.backends.triton_ops import custom_op, interpreting, run_op
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x log2 e): exp2 is the GPU's instruction
 
 # Launch shapes: steps per thread (TI), threads per program (TT = 32 x num_warps on a GPU) and warps.
 # "fwd" is the forward without gradients; "fwd_train" the forward before a backward pass (it also
-# saves the state entering each of the backward's chunks, every TI * TT steps of "bwd"); "step" the
-# decoding step.
+# saves the state entering each of the backward's chunks, every TI * TT steps of "bwd").
 # The fastest of bench/gpu_scan.py --sweep on an H200 at l=2K (b=1, d=4096 and b=4, d=2048) and
 # l=8K (bench/RESULTS.md). TI = 8 bf16 values are one 16-byte load per thread.
 CONFIG = {
     "fwd": dict(TI=8, TT=64, num_warps=2),
     "fwd_train": dict(TI=8, TT=64, num_warps=2),
     "bwd": dict(TI=8, TT=32, num_warps=1),
-    "step": dict(BD=64, num_warps=4),
 }
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _traceable(kernel):
-    """The kernel in a form torch.compile can trace; the plain kernel under Triton's interpreter."""
-    return kernel if _interpreting() else wrap_triton(kernel)
-
-
-def _plain(kernel):
-    """The kernel itself, for eager calls. (Called outside its op, wrap_triton's traceable form
-    dispatches through a higher-order op: about 0.5 ms of host time a launch on the H200.)"""
-    return kernel
-
-
-def custom_op(name: str, mutates_args=()):
-    """Register body(launch, *args) as the torch.library.triton_op `name`, which torch.compile traces
-    through (launch=_traceable), and return body itself, for `run_op` to call eagerly."""
-
-    def register(body):
-        def op(*args):
-            return body(_traceable, *args)
-
-        sig = inspect.signature(body)
-        op.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])  # without launch
-        op.__name__ = op.__qualname__ = body.__name__
-        triton_op(name, mutates_args=mutates_args)(op)
-        return body
-
-    return register
-
-
-def run_op(op, body, *args):
-    """Under torch.compile the registered op (no graph break); eagerly its body with plain launches,
-    without the dispatcher's layers around a custom op (they cost more host time than a 2K-step
-    sequence's scan takes on the GPU)."""
-    return op(*args) if torch.compiler.is_compiling() else body(_plain, *args)
 
 
 # --- small device functions ----------------------------------------------------------------------
@@ -403,56 +362,12 @@ def _bwd_kernel(
     tl.store(dbias_ptr + pid_b * dim + pid_d, tl.sum(dbias_acc, axis=0))
 
 
-# --- decoding step ------------------------------------------------------------------------------
-
-
-@triton.jit
-def _step_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-    dim, dstate,
-    s_h_b, s_h_d, s_h_n, s_x_b, s_dt_b, s_B_b, s_C_b, s_z_b,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    NP: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """One token: h <- exp(Δ A) h + Δ B x in place, y = C·h + D x, times SiLU(z)."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, NP)
-    md, mn = rd < dim, rn < dstate
-    mdn = md[:, None] & mn[None, :]
-    h_ptrs = state_ptr + pid_b * s_h_b + rd[:, None] * s_h_d + rn[None, :] * s_h_n
-    h = tl.load(h_ptrs, mask=mdn, other=0.0).to(tl.float32)  # (BLOCK_D, NP)
-    A = tl.load(A_ptr + rd[:, None] * dstate + rn[None, :], mask=mdn, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + pid_b * s_x_b + rd, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
-    dt = tl.load(dt_ptr + pid_b * s_dt_b + rd, mask=md, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt += tl.load(bias_ptr + rd, mask=md, other=0.0).to(tl.float32)
-    if SOFTPLUS:
-        dt = _softplus(dt)
-    Bv = tl.load(B_ptr + pid_b * s_B_b + rn, mask=mn, other=0.0).to(tl.float32)  # (NP,)
-    Cv = tl.load(C_ptr + pid_b * s_C_b + rn, mask=mn, other=0.0).to(tl.float32)
-    h = tl.exp2(dt[:, None] * A * LOG2E) * h + (dt * x)[:, None] * Bv[None, :]
-    tl.store(h_ptrs, h.to(state_ptr.dtype.element_ty), mask=mdn)
-    y = tl.sum(h * Cv[None, :], axis=1)  # (BLOCK_D,)
-    if HAS_D:
-        y += tl.load(D_ptr + rd, mask=md, other=0.0).to(tl.float32) * x
-    if HAS_Z:
-        z = tl.load(z_ptr + pid_b * s_z_b + rd, mask=md, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
-    tl.store(out_ptr + pid_b * dim + rd, y.to(out_ptr.dtype.element_ty), mask=md)
-
-
 # --- the custom ops (what torch.compile sees) ----------------------------------------------------
 
 
 def _bwd_chunk() -> int:
     """The backward pass's chunk, in steps: the forward before it saves the state entering each."""
     return CONFIG["bwd"]["TI"] * CONFIG["bwd"]["TT"]
-
-
-def _np(n: int) -> int:
-    return triton.next_power_of_2(n)
 
 
 @custom_op("minijamba::triton_scan_fwd", mutates_args=())
@@ -507,26 +422,6 @@ def _scan_bwd(
         SOFTPLUS=delta_softplus, HAS_DHLAST=dlast is not None, **cfg,
     )  # fmt: skip
     return du, ddelta, dz, dA.sum(-1), dB, dC, dD, dbias, dh0
-
-
-@custom_op("minijamba::triton_state_update", mutates_args={"state"})
-def _state_update(
-    launch,
-    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-    C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-) -> torch.Tensor:  # fmt: skip
-    b, d, n = state.shape
-    block_d, warps = CONFIG["step"]["BD"], CONFIG["step"]["num_warps"]
-    out = torch.empty(b, d, device=x.device, dtype=x.dtype)
-    launch(_step_kernel)[(triton.cdiv(d, block_d), b)](
-        state, x, dt, A, B, C, D, z, dt_bias, out, d, n,
-        state.stride(0), state.stride(1), state.stride(2), x.stride(0), dt.stride(0), B.stride(0),
-        C.stride(0), z.stride(0) if z is not None else 0,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        NP=_np(n), BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
-    return out
 
 
 # --- autograd and the public functions -----------------------------------------------------------
@@ -585,7 +480,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
             raise ValueError(f"{name} must have shape {shape} for u of shape {(b, d, l)}, got {tuple(t.shape)}")
         if t is not None and t.device != u.device:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}: move them to one device")
-    if u.device.type != "cuda" and not _interpreting():
+    if u.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the triton backend runs on CUDA tensors, got {u.device}; use scan_backend='reference' "
             "on this device (or set TRITON_INTERPRET=1 to run the kernels slowly on the CPU)"
@@ -615,21 +510,3 @@ def selective_scan(
         _c(D), _c(z), _c(delta_bias), _c(initial_state), bool(delta_softplus),
     )  # fmt: skip
     return (out, last) if return_last_state else out
-
-
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """`minijamba.ssm.selective_state_update` on a Triton kernel: one decoding step, `state`
-    (b, d, n) updated in place; x, dt, z (b, d); A (d, n); B, C (b, n). Returns y (b, d)."""
-    if state.dim() != 3 or x.shape != state.shape[:2]:
-        raise ValueError(f"state must be (b, d, n) and x (b, d), got {tuple(state.shape)} and {tuple(x.shape)}")
-    if state.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"the triton backend runs on CUDA tensors, got {state.device}; use 'reference'")
-
-    def last_contiguous(t):  # the kernel steps along the last dim with stride 1
-        return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
-
-    x, dt, B, C, z = map(last_contiguous, (x, dt, B, C, z))
-    return run_op(
-        torch.ops.minijamba.triton_state_update, _state_update,
-        state, x, dt, A.contiguous(), B, C, _c(D), z, _c(dt_bias), bool(dt_softplus),
-    )  # fmt: skip
