@@ -23,6 +23,10 @@ Data flow, for input x (b, l, h):
     gate            y * SiLU(z)
     out_proj        y -> (b, l, h)
 
+Between in_proj and out_proj every stream is time-last, (b, d, l) and (b, n, l), the layout the
+conv and the scan read; the projections write and read that layout directly (`minijamba.layout`),
+so no stream is copied to transpose it.
+
 With an inference state the same path continues from where the last call stopped: the convolution
 sees the last k-1 inputs of the previous call and the scan starts from the saved state h. A single
 new token takes the decoding step (`selective_state_update`) instead of the scan. Padding positions
@@ -41,6 +45,7 @@ from torch import nn
 
 from minijamba import backends
 from minijamba.config import JambaConfig
+from minijamba.layout import linear_from_time_last, linear_to_time_last
 from minijamba.norm import RMSNorm
 
 
@@ -91,7 +96,11 @@ class MambaMixer(nn.Module):
         """
         b, l, _ = x.shape
         scan = backends.get(self.scan_backend)
-        xs, z = rearrange(self.in_proj(x), "b l (two d) -> two b d l", two=2)  # 2 x (b, d, l)
+        # The projections write and read the time-last streams directly (minijamba.layout: no
+        # transposing copies). in_proj's rows are the signal's, then the gate's.
+        w_x, w_z = self.in_proj.weight.chunk(2)  # 2 x (d, h)
+        b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
+        xs, z = linear_to_time_last(x, w_x, b_x), linear_to_time_last(x, w_z, b_z)  # 2 x (b, d, l)
         if mask is not None:
             xs = xs * mask[:, None, :]  # padding must not enter the conv window
 
@@ -116,28 +125,28 @@ class MambaMixer(nn.Module):
             u = u * mask[:, None, :]  # and must not enter the SSM state
 
         # Input-dependent Δ, B, C, each RMS-normalised (Jamba's change to Mamba).
-        dt, B, C = torch.split(self.x_proj(rearrange(u, "b d l -> b l d")), [self.r, self.n, self.n], -1)
+        dt, B, C = torch.split(linear_from_time_last(u, self.x_proj.weight), [self.r, self.n, self.n], -1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)  # (b, l, r|n|n)
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias is added inside the scan
+        dt = linear_to_time_last(dt, self.dt_proj.weight)  # (b, d, l); the bias is added inside the scan
         up = torch.promote_types(self.A_log.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
         A = -torch.exp(self.A_log.to(up))  # (d, n)
         D, dt_bias = self.D.to(up), self.dt_proj.bias.to(up)
 
         if state is not None and l == 1:  # decoding: one step of the recurrence
             y = scan.selective_state_update(
-                state.ssm, u[..., 0], dt[:, 0], A, B[:, 0], C[:, 0], D,
+                state.ssm, u[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], D,
                 z=z[..., 0], dt_bias=dt_bias, dt_softplus=True,
             )[..., None]  # (b, d, 1)  # fmt: skip
-        else:  # the scan takes mamba-ssm's layout: dt (b, d, l), B and C (b, n, l)
+        else:  # the scan takes mamba-ssm's layout: u, dt, z (b, d, l), B and C (b, n, l)
             initial = None if state is None else state.ssm
             y, last = scan.selective_scan(
-                u, rearrange(dt, "b l d -> b d l"), A, rearrange(B, "b l n -> b n l"),
+                u, dt, A, rearrange(B, "b l n -> b n l"),
                 rearrange(C, "b l n -> b n l"), D, z=z, delta_bias=dt_bias, delta_softplus=True,
                 return_last_state=True, initial_state=initial,
             )  # (b, d, l), (b, d, n)  # fmt: skip
             if state is not None:
                 state.ssm.copy_(last)
-        return self.out_proj(rearrange(y, "b d l -> b l d").to(x.dtype))  # (b, l, h)
+        return linear_from_time_last(y.to(x.dtype), self.out_proj.weight, self.out_proj.bias)  # (b, l, h)
 
 
 def causal_conv1d(
