@@ -3,7 +3,9 @@ causal-conv1d's CUDA kernel (`causal_conv1d_fn`, when that package is installed)
 
 bf16, k=4, SiLU fused, bias, at the shapes of the model's Mamba layers: b=4, d=2048, l=2048
 (training), b=1, d=2048, l=16384 (prefill) and b=1, d=4096, l=32768. x is what the model hands
-the conv: a (b, d, l) view of in_proj's (b, l, 2d) output, stride 1 along d. For each shape and
+the conv: a contiguous (b, d, l) tensor, stride 1 along l (the projection writes it time-last,
+minijamba.layout); --x-layout strided times the layout before that, a (b, d, l) view of a
+(b, l, 2d) tensor, stride 1 along d. For each shape and
 implementation: the forward without gradients, and forward + backward (gradients of x, weight and
 bias), against the bytes that must move (forward: read x, write y; backward: read x and dy, write
 dx) at the copy bandwidth this same run measures. Before timing, triton and causal-conv1d are
@@ -11,6 +13,7 @@ checked against the reference on the same inputs (output and the three gradients
 
     python bench/gpu_conv.py                   # the table; results in $OUT (or out/bench)
     python bench/gpu_conv.py --sweep           # first try launch shapes; the fastest become CONFIG
+    python bench/gpu_conv.py --sweep --sweep-shape training --shapes training
     python bench/gpu_conv.py --compile-check   # also torch.compile(fullgraph=True) through the op
     python bench/gpu_conv.py --smoke           # tiny shapes, on the CPU through Triton's interpreter
 
@@ -36,10 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DTYPE, K = torch.bfloat16, 4
 SHAPES = {"training": (4, 2048, 2048), "prefill": (1, 2048, 16384), "long": (1, 4096, 32768)}
 SMOKE_SHAPES = {"smoke": (2, 16, 37)}  # causal-conv1d's channel-last kernel wants d % 8 == 0
-FWD_TILES = [(32, 64, 4), (64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 4), (64, 32, 2), (128, 128, 8)]
+# Launch shapes to sweep (BLOCK_L, BLOCK_D, warps): wide in d for the strided layout (stride 1 on d),
+# long in l for the time-last one (stride 1 on l), which the model passes since minijamba.layout.
+FWD_TILES = [(32, 64, 4), (64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 4), (64, 32, 2), (128, 128, 8),
+             (256, 8, 4), (256, 16, 4), (512, 8, 4), (128, 16, 4), (256, 32, 8)]  # fmt: skip
 BWD_TILES = [  # (BLOCK_L, BLOCK_D, warps, PROGRAMS)
     (64, 32, 4, 1024), (64, 32, 4, 512), (64, 32, 4, 2048), (32, 32, 2, 1024), (64, 64, 4, 1024),
     (32, 64, 4, 1024), (128, 32, 4, 1024), (64, 32, 2, 1024), (128, 64, 8, 1024),
+    (256, 8, 4, 1024), (256, 16, 4, 1024), (128, 16, 4, 1024), (512, 8, 4, 1024), (256, 16, 8, 1024),
+    (128, 8, 2, 1024), (256, 8, 4, 2048),
 ]
 
 
@@ -92,12 +100,19 @@ def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+X_LAYOUT = "time-last"  # --x-layout
+
+
 def make_inputs(b, d, l, device, seed=0):
-    """x as the model passes it (a strided view of a (b, l, 2d) bf16 tensor), bf16 taps and bias
-    scaled like the initialised conv's, and an output gradient."""
+    """x as the model passes it, bf16 taps and bias scaled like the initialised conv's, and an output
+    gradient. x: time-last, a contiguous (b, d, l) tensor (the model since minijamba.layout), or
+    strided, a view of a (b, l, 2d) tensor (the model before it)."""
     g = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
-    x = rearrange(r(b, l, 2 * d).to(DTYPE), "b l (two d) -> two b d l", two=2)[0]  # (b, d, l), stride 1 on d
+    if X_LAYOUT == "strided":
+        x = rearrange(r(b, l, 2 * d).to(DTYPE), "b l (two d) -> two b d l", two=2)[0]  # (b, d, l), stride 1 on d
+    else:
+        x = r(b, d, l).to(DTYPE)  # (b, d, l), stride 1 on l
     return dict(x=x, weight=(0.5 * r(d, K)).to(DTYPE), bias=(0.5 * r(d)).to(DTYPE), dy=r(b, d, l).to(DTYPE))
 
 
@@ -206,11 +221,16 @@ def compile_check(device, log):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    ap.add_argument("--sweep", action="store_true", help="first time Triton launch shapes (at 'long')")
+    ap.add_argument("--sweep", action="store_true", help="first time Triton launch shapes (at --sweep-shape)")
+    ap.add_argument("--sweep-shape", default="long", choices=list(SHAPES), help="the shape the sweep times")
+    ap.add_argument("--x-layout", default="time-last", choices=["time-last", "strided"],
+                    help="how x is laid out: as the model passes it now (time-last), or before minijamba.layout")
     ap.add_argument("--compile-check", action="store_true", help="also check torch.compile(fullgraph=True)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; on a CPU, in Triton's interpreter")
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"), help="folder for gpu_conv.json")
     args = ap.parse_args(argv)
+    global X_LAYOUT
+    X_LAYOUT = args.x_layout
     gpu = torch.cuda.is_available()
     if not gpu and not args.smoke:
         ap.error("no CUDA GPU here: run with --smoke for the CPU check of the script")
@@ -233,7 +253,7 @@ def main(argv=None):
     if args.compile_check and gpu:
         compile_check(device, log)
     if args.sweep and gpu:
-        sweep(impls, SHAPES["long"], device, log)  # the largest: the others are partly launch-bound
+        sweep(impls, SHAPES[args.sweep_shape], device, log)
     checks = [c for n, shape in shapes.items() for c in check(impls, n, shape, device, log)]
 
     rows = []
@@ -256,7 +276,8 @@ def main(argv=None):
         del inp
 
     log("")
-    log(f"bf16, k={K}, SiLU, bias; x a strided view of (b, l, 2d). floor = bytes that must move "
+    x_is = "a strided view of (b, l, 2d)" if X_LAYOUT == "strided" else "(b, d, l) contiguous, time-last"
+    log(f"bf16, k={K}, SiLU, bias; x {x_is}. floor = bytes that must move "
         f"(fwd: x, y; bwd: x, dy, dx) / {bw / 1e12:.2f} TB/s copy bandwidth")  # fmt: skip
     log("| shape | b, d, l | impl | fwd ms | fwd TB/s | fwd x floor | fwd+bwd ms | fwd+bwd TB/s | "
         "fwd+bwd x floor | fwd+bwd vs reference | fwd+bwd GPU busy ms |")  # fmt: skip

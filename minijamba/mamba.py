@@ -146,7 +146,7 @@ class MambaMixer(nn.Module):
             )  # (b, d, l), (b, d, n)  # fmt: skip
             if state is not None:
                 state.ssm.copy_(last)
-        return linear_from_time_last(y.to(x.dtype), self.out_proj.weight, self.out_proj.bias)  # (b, l, h)
+        return linear_from_time_last(y, self.out_proj.weight, self.out_proj.bias)  # (b, l, h)
 
 
 def causal_conv1d(
