@@ -21,7 +21,10 @@ as transposed. These two functions do that, forward and backward:
     linear_from_time_last(x, W)   x (b, i, l) -> (b, l, o)      = F.linear(rearrange(x, "b i l -> b l i"), W)
 
 Both return a contiguous result, and the gradient of x comes back in x's own layout, so no copy
-is made either way. They compute what F.linear computes (also under autocast: in the autocast dtype,
+is made either way. `LinearToTimeLast` and `LinearFromTimeLast` are the same as `nn.Linear`
+modules (same parameters and names, so checkpoints, initialisation and forward hooks see an
+ordinary Linear); the first can also split its output features into contiguous chunks, as the
+mixer's in_proj does for its two streams. They compute what F.linear computes (also under autocast: in the autocast dtype,
 with float32 gradients for float32 weights); only the order of the sums in a gradient of the weight
 may differ (it sums per-sequence products over the batch).
 """
@@ -29,6 +32,7 @@ may differ (it sums per-sequence products over the batch).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -103,3 +107,30 @@ def linear_from_time_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     that reads its input time-last. The gradient of x comes back (b, i, l) contiguous."""
     _check(x, weight, 1, "linear_from_time_last")
     return _Linear.apply(x, weight, bias, False)
+
+
+class LinearToTimeLast(nn.Linear):
+    """An nn.Linear that writes its output time-last: x (b, l, i) -> a tuple of `chunks` tensors
+    (b, o / chunks, l), each contiguous: the rows of the weight split in `chunks` equal parts, in
+    order (one chunk: a 1-tuple). Each chunk is its own product, so none is a strided slice of another."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, chunks: int = 1, **kw):
+        if chunks < 1 or out_features % chunks:
+            raise ValueError(f"chunks must divide out_features = {out_features}, got {chunks}")
+        super().__init__(in_features, out_features, bias, **kw)
+        self.chunks = chunks
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (b, l, i) -> chunks x (b, o/chunks, l)
+        weights = self.weight.chunk(self.chunks)  # chunks x (o/chunks, i)
+        biases = (None,) * self.chunks if self.bias is None else self.bias.chunk(self.chunks)
+        return tuple(linear_to_time_last(x, w, b) for w, b in zip(weights, biases))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunks={self.chunks}"
+
+
+class LinearFromTimeLast(nn.Linear):
+    """An nn.Linear that reads its input time-last: x (b, i, l) -> (b, l, o) contiguous."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, i, l) -> (b, l, o)
+        return linear_from_time_last(x, self.weight, self.bias)

@@ -45,7 +45,7 @@ from torch import nn
 
 from minijamba import backends
 from minijamba.config import JambaConfig
-from minijamba.layout import linear_from_time_last, linear_to_time_last
+from minijamba.layout import LinearFromTimeLast, LinearToTimeLast, linear_to_time_last
 from minijamba.norm import RMSNorm
 
 
@@ -60,13 +60,14 @@ class MambaMixer(nn.Module):
         )  # fmt: skip
         self.d, self.n, self.r, self.k = d, n, r, k
         self.scan_backend = config.scan_backend
-        self.in_proj = nn.Linear(h, 2 * d, bias=config.mamba_proj_bias)
+        # in_proj, x_proj and out_proj are nn.Linears that write or read the time-last layout
+        self.in_proj = LinearToTimeLast(h, 2 * d, bias=config.mamba_proj_bias, chunks=2)  # -> (xs, z)
         self.conv1d = nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=config.mamba_conv_bias)
-        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.x_proj = LinearFromTimeLast(d, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.empty(d, n))  # A = -exp(A_log), kept in float32
         self.D = nn.Parameter(torch.empty(d))
-        self.out_proj = nn.Linear(d, h, bias=config.mamba_proj_bias)
+        self.out_proj = LinearFromTimeLast(d, h, bias=config.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(r, eps=config.rms_norm_eps)
         self.b_layernorm = RMSNorm(n, eps=config.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, eps=config.rms_norm_eps)
@@ -96,11 +97,7 @@ class MambaMixer(nn.Module):
         """
         b, l, _ = x.shape
         scan = backends.get(self.scan_backend)
-        # The projections write and read the time-last streams directly (minijamba.layout: no
-        # transposing copies). in_proj's rows are the signal's, then the gate's.
-        w_x, w_z = self.in_proj.weight.chunk(2)  # 2 x (d, h)
-        b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-        xs, z = linear_to_time_last(x, w_x, b_x), linear_to_time_last(x, w_z, b_z)  # 2 x (b, d, l)
+        xs, z = self.in_proj(x)  # 2 x (b, d, l), written time-last: the signal and the gate
         if mask is not None:
             xs = xs * mask[:, None, :]  # padding must not enter the conv window
 
@@ -125,7 +122,7 @@ class MambaMixer(nn.Module):
             u = u * mask[:, None, :]  # and must not enter the SSM state
 
         # Input-dependent Δ, B, C, each RMS-normalised (Jamba's change to Mamba).
-        dt, B, C = torch.split(linear_from_time_last(u, self.x_proj.weight), [self.r, self.n, self.n], -1)
+        dt, B, C = torch.split(self.x_proj(u), [self.r, self.n, self.n], -1)  # (b, d, l) -> (b, l, r+2n) split
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)  # (b, l, r|n|n)
         dt = linear_to_time_last(dt, self.dt_proj.weight)  # (b, d, l); the bias is added inside the scan
         up = torch.promote_types(self.A_log.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
@@ -146,7 +143,7 @@ class MambaMixer(nn.Module):
             )  # (b, d, l), (b, d, n)  # fmt: skip
             if state is not None:
                 state.ssm.copy_(last)
-        return linear_from_time_last(y, self.out_proj.weight, self.out_proj.bias)  # (b, l, h)
+        return self.out_proj(y)  # (b, d, l) -> (b, l, h)
 
 
 def causal_conv1d(

@@ -81,16 +81,17 @@ def _interpreter_like_the_gpu():
     triton_conv.PROGRAMS = programs
 
 
-def conv_inputs(b, d, l, k, seed, dtype, use=("bias", "context"), layout="model"):
+def conv_inputs(b, d, l, k, seed, dtype, use=("bias", "context"), layout="contiguous"):
     """The conv's arguments in float64 on the CPU, each already rounded to what the backend will use
     (x and context in `dtype`, weight and bias to `dtype` too: float32 parameters are cast to x's
     dtype), so that the float64 reference sees exactly the backend's inputs. None where not in `use`.
 
-    layout 'model': x is a (b, d, l) view of a (b, l, 2d) tensor, stride 1 along d, as in_proj's
-    output reaches the conv; 'contiguous': a plain (b, d, l) tensor."""
+    layout 'contiguous': a plain (b, d, l) tensor, time-last, as in_proj's output reaches the conv
+    (minijamba.layout); 'strided': a (b, d, l) view of a (b, l, 2d) tensor, stride 1 along d, as it
+    reached the conv before that (any strides must work)."""
     g = gen(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).double()  # noqa: E731
-    x = r(b, l, 2 * d)[:, :, d:].transpose(1, 2) if layout == "model" else r(b, d, l)
+    x = r(b, l, 2 * d)[:, :, d:].transpose(1, 2) if layout == "strided" else r(b, d, l)
     return dict(
         x=x, weight=0.5 * r(d, k), bias=r(d) if "bias" in use else None,
         context=r(b, d, k - 1) if "context" in use else None,
@@ -184,8 +185,8 @@ def check_triton(b, d, l, k, seed, dtype, use, layout, silu, gy_layout="contiguo
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_with_everything(dtype):
-    """Bias, context, SiLU, the model's strided x, k=4, l past several tiles and not a multiple of one."""
-    check_triton(2, 9, 29, 4, seed=0, dtype=dtype, use=("bias", "context"), layout="model", silu=True)
+    """Bias, context, SiLU, a strided x, k=4, l past several tiles and not a multiple of one."""
+    check_triton(2, 9, 29, 4, seed=0, dtype=dtype, use=("bias", "context"), layout="strided", silu=True)
 
 
 @needs_triton
@@ -193,7 +194,7 @@ def test_triton_with_everything(dtype):
 @given(
     b=st.integers(1, 2), d=st.integers(1, 9), l=st.integers(1, 30), k=st.integers(1, 4),
     dtype=st.sampled_from(DTYPES), use=st.sets(st.sampled_from(["bias", "context"])),
-    layout=st.sampled_from(["model", "contiguous"]), gy_layout=st.sampled_from(["contiguous", "transposed"]),
+    layout=st.sampled_from(["contiguous", "strided"]), gy_layout=st.sampled_from(["contiguous", "transposed"]),
     silu=st.booleans(), seed=seeds,
 )  # fmt: skip
 def test_triton_matches_the_reference(b, d, l, k, dtype, use, layout, gy_layout, silu, seed):

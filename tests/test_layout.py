@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import RTOL, assert_close, gen, seeds
-from minijamba.layout import linear_from_time_last, linear_to_time_last
+from minijamba.layout import LinearFromTimeLast, LinearToTimeLast, linear_from_time_last, linear_to_time_last
 
 
 @st.composite
@@ -115,3 +115,37 @@ def test_compiles_without_a_graph_break():
     assert_close(got, expected, 1e-6, "y")
     assert_close(dx, ex, 1e-6, "dx")
     assert_close(dw, ew, 1e-6, "dw")
+
+
+@settings(max_examples=20, deadline=None)
+@given(linear_case(), st.integers(1, 3))
+def test_the_modules_are_linears_with_the_layouts_of_the_functions(c, chunks):
+    """Same parameters and state_dict as nn.Linear; LinearToTimeLast's chunks split the output
+    features in order, each contiguous; LinearFromTimeLast reads x time-last."""
+    x, _, _, _ = _tensors(c, torch.float64)
+    o = c["o"] * chunks
+    to = LinearToTimeLast(c["i"], o, bias=c["bias"], chunks=chunks).double()
+    plain = torch.nn.Linear(c["i"], o, bias=c["bias"]).double()
+    plain.load_state_dict(to.state_dict())  # the same names and shapes
+    outs = to(x)
+    assert isinstance(outs, tuple) and len(outs) == chunks
+    for got, expected in zip(outs, plain(x).chunk(chunks, dim=-1)):
+        assert got.is_contiguous() and got.shape == (c["b"], c["o"], c["l"])
+        assert_close(rearrange(got, "b o l -> b l o"), expected, RTOL[torch.float64], "chunk")
+    frm = LinearFromTimeLast(c["i"], o, bias=c["bias"]).double()
+    plain.load_state_dict(frm.state_dict())
+    got = frm(rearrange(x, "b l i -> b i l").contiguous())
+    assert_close(got, plain(x), RTOL[torch.float64], "from time-last")
+
+
+def test_forward_hooks_see_the_module_calls():
+    seen = []
+    m = LinearToTimeLast(3, 4, chunks=2)
+    m.register_forward_hook(lambda mod, inp, out: seen.append((tuple(inp[0].shape), [tuple(t.shape) for t in out])))
+    m(torch.zeros(2, 5, 3))
+    assert seen == [((2, 5, 3), [(2, 2, 5), (2, 2, 5)])]
+
+
+def test_chunks_must_divide_the_output_features():
+    with pytest.raises(ValueError, match="chunks must divide out_features = 5, got 2"):
+        LinearToTimeLast(3, 5, chunks=2)

@@ -47,19 +47,21 @@ def rand_x(b, l, h, seed, dtype):
 @settings(max_examples=25, deadline=None)
 @given(mixers(dtype=torch.float64), st.integers(1, 3), st.integers(1, 12), seeds)
 def test_forward_matches_the_data_flow(mm, b, l, seed):
-    """The mixer == its data flow written out with the plain modules: the padded nn.Conv1d cut to
-    l outputs (Mamba's causal conv), the Δ/B/C norms, softplus(Δ + bias), the sequential scan."""
+    """The mixer == its data flow written out with plain ops: F.linear with each projection's
+    weights in the time-first layout (no minijamba.layout), the padded nn.Conv1d cut to l outputs
+    (Mamba's causal conv), the Δ/B/C norms, softplus(Δ + bias), the sequential scan."""
     mixer, config, dtype = mm
     x = rand_x(b, l, config.hidden_size, seed, dtype)
-    xs, z = mixer.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
+    lin = lambda t, m, bias=True: F.linear(t, m.weight, m.bias if bias else None)  # noqa: E731
+    xs, z = lin(x, mixer.in_proj).chunk(2, dim=-1)  # (b, l, d) each
     u = F.silu(mixer.conv1d(xs.transpose(1, 2))[..., :l])  # (b, d, l)
-    dt, B, C = mixer.x_proj(u.transpose(1, 2)).split([mixer.r, mixer.n, mixer.n], dim=-1)
-    dt = mixer.dt_proj(mixer.dt_layernorm(dt))  # (b, l, d), bias included
+    dt, B, C = lin(u.transpose(1, 2), mixer.x_proj).split([mixer.r, mixer.n, mixer.n], dim=-1)
+    dt = lin(mixer.dt_layernorm(dt), mixer.dt_proj)  # (b, l, d), bias included
     y = selective_scan_sequential(
         u, F.softplus(dt).transpose(1, 2), -torch.exp(mixer.A_log), mixer.b_layernorm(B).transpose(1, 2),
         mixer.c_layernorm(C).transpose(1, 2), mixer.D, z=z.transpose(1, 2),
     )  # fmt: skip
-    expected = mixer.out_proj(y.transpose(1, 2))
+    expected = lin(y.transpose(1, 2), mixer.out_proj)
     with torch.no_grad():
         assert_close(mixer(x), expected, 1e-10, "mixer output")
 

@@ -19,9 +19,10 @@ would make.
 
 Forward. One program owns a tile of BLOCK_L positions x BLOCK_D channels of one sequence. Tap j
 is one load of the tile shifted by j - (k-1) positions; the k loads overlap, so DRAM delivers each
-input once and the shifted re-reads hit the cache. x is read through its strides: in the model it
-is a slice of in_proj's (b, l, 2d) output, stride 1 along d, and no contiguous copy is made. The
-first k-1 positions read the context instead. The output is written contiguous (b, d, l).
+input once and the shifted re-reads hit the cache. x is read through its strides, so no contiguous
+copy is made: in the model it is in_proj's time-last (b, d, l) output, stride 1 along l, and a view
+with stride 1 along d works as well (CONFIG is tuned for the first). The first k-1 positions read
+the context instead. The output is written contiguous (b, d, l).
 
 Backward. With dpre = dy SiLU'(pre), rounded to x's dtype as autograd's 16-bit tensor would be,
 
@@ -59,11 +60,13 @@ from minijamba.backends.triton_ops import custom_op, interpreting, run_op
 
 # Launch shapes. BLOCK_D channels x BLOCK_L positions a program; the backward's BLOCK_L is raised
 # to at least 2k so that its windows overlap by at most half. The fastest of bench/gpu_conv.py
-# --sweep on an H200 at b=1, d=4096, l=32K, bf16, k=4 (2026-12-01): forward 0.20 ms, forward +
-# backward 1.19-1.22 ms (causal-conv1d 1.53 ms, the reference 4.94 ms).
+# --sweep on an H200 at the training shape b=4, d=2048, l=2K, bf16, k=4, with x time-last as the
+# model passes it (2026-12-02): long in l, narrow in d, since l is the contiguous dimension.
+# (With x strided, stride 1 along d, as the model passed it before minijamba.layout, the sweep
+# chose 64 x 64 and 64 x 32; bench/RESULTS.md.)
 CONFIG = {
-    "fwd": dict(BLOCK_L=64, BLOCK_D=64, num_warps=4),
-    "bwd": dict(BLOCK_L=64, BLOCK_D=32, num_warps=4),
+    "fwd": dict(BLOCK_L=256, BLOCK_D=16, num_warps=4),
+    "bwd": dict(BLOCK_L=256, BLOCK_D=8, num_warps=4),
 }
 PROGRAMS = 1024  # the backward's programs in all (each walks a run of windows): ~8 per SM of an H200
 
