@@ -62,11 +62,13 @@ LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x log2 e): exp2 is the 
 # "fwd" is the forward without gradients; "fwd_train" the forward before a backward pass (it also
 # saves the state entering each of the backward's chunks, every TI * TT steps of "bwd").
 # The fastest of bench/gpu_scan.py --sweep on an H200 at l=2K (b=1, d=4096 and b=4, d=2048) and
-# l=8K (bench/RESULTS.md). TI = 8 bf16 values are one 16-byte load per thread.
+# l=8K (bench/RESULTS.md); the backward's at the training shape b=4, d=2048, l=2K (2026-12-02,
+# after its run-level loop replaced the reverse associative scan). TI = 8 bf16 values are one
+# 16-byte load per thread.
 CONFIG = {
     "fwd": dict(TI=8, TT=64, num_warps=2),
     "fwd_train": dict(TI=8, TT=64, num_warps=2),
-    "bwd": dict(TI=8, TT=32, num_warps=1),
+    "bwd": dict(TI=4, TT=128, num_warps=4),
 }
 
 
@@ -84,18 +86,6 @@ def _scan_combine(a1, x1, a2, x2):
     """Compose two affine maps h -> a h + x, (a1, x1) applied first: h -> a2 (a1 h + x1) + x2.
     (A reverse scan hands the later stretch first, which composes maps applied right to left.)"""
     return a1 * a2, a2 * x1 + x2
-
-
-@triton.jit
-def _grad_combine(g2, p2, f2, g1, p1, f1):
-    """Compose two stretches of the gradient recurrence g_t = dh_t + a_{t+1} g_{t+1}.
-
-    A stretch of steps [s..e] is summarised by (g, p, f): g_s = g + p * Q with Q = a_{e+1} g_{e+1}
-    the gradient flowing in from the right, and f = a_s, its first step's decay (which the stretch
-    to its left needs). A reverse scan hands us (later stretch 2, earlier stretch 1).
-    """
-    t = p1 * f2
-    return g1 + t * g2, t * p2, f1
 
 
 @triton.jit
@@ -234,9 +224,21 @@ def _chunk_grads(dh, a, q_in, TI: tl.constexpr, TT: tl.constexpr):
     last thread holds a_s g_s for the chunk's first step s (what the chunk to the left needs there)."""
     i = tl.arange(0, TI)[:, None]
     j = tl.arange(0, TT)
-    ones = tl.full(dh.shape, 1.0, dtype=tl.float32)
-    # 1. inside each thread, backwards over its run: g_t = G + P * (gradient flowing into the run)
-    G, P, _ = tl.associative_scan((dh, ones, a), axis=0, combine_fn=_grad_combine, reverse=True)
+    # 1. inside each thread, backwards over its run: g_t = G_t + P_t q, q the gradient flowing into
+    #    the run, with G_k = dh_k + a_{k+1} G_{k+1} and P_k = a_{k+1} P_{k+1} from the run's last
+    #    step k = TI-1 (G = dh, P = 1). The loop unrolls over the thread's own registers, so the row
+    #    selects fold away. (tl.associative_scan(..., reverse=True) computes the same, but Triton 3.6,
+    #    which the lent GPUs run, lowers that reverse scan to ~150 shuffles a state and chunk.)
+    g = _row(dh, i, TI - 1)  # (TT,)
+    p = tl.full(g.shape, 1.0, dtype=tl.float32)
+    G = tl.where(i == TI - 1, g[None, :], 0.0)  # (TI, TT)
+    P = tl.where(i == TI - 1, 1.0, 0.0)
+    for k in tl.static_range(TI - 2, -1, -1):
+        f = _row(a, i, k + 1)  # a_{k+1}
+        g = _row(dh, i, k) + f * g
+        p = f * p
+        G = tl.where(i == k, g[None, :], G)
+        P = tl.where(i == k, p[None, :], P)
     # 2. run j passes q_out = F (G_s + P_s q) to its left (s its first step, F = a_s): an affine map
     #    of what flows into it, q. Fold q_in into the last run, compose the maps from the right.
     F0 = _row(a, i, 0)
