@@ -30,7 +30,7 @@ Implementations (rows):
     ... , CUDA graphs           the same with mode="reduce-overhead": the compiled training step
                                 replayed as CUDA graphs, no launch overhead (train only)
     ... , bf16 weights          the compiled model trained with bf16 weights, as transformers
-                                trains (train only)
+                                trains (train only); also with CUDA graphs
     transformers                JambaForCausalLM with the kernels it finds (printed: mamba-ssm's scan
                                 and step, causal-conv1d's convolution), its default attention and experts
 
@@ -91,6 +91,7 @@ IMPLS = {
     "compile": ("minijamba triton+compile", "triton", True),
     "compile_graphs": ("minijamba triton+compile, CUDA graphs", "triton", "reduce-overhead"),
     "compile_bf16": ("minijamba triton+compile, bf16 weights", "triton", True),
+    "compile_graphs_bf16": ("minijamba triton+compile, CUDA graphs, bf16 weights", "triton", "reduce-overhead"),
     "transformers": ("transformers", None, False),
 }
 # Seconds each section needs at the least on an H100, to skip what would not finish in the budget.
@@ -348,7 +349,7 @@ def train(run: Run, key: str, sd) -> None:
     # the CUDA scan in fp32 next to a bf16 input: a dtype error), so it trains in pure bf16 weights:
     # its best working setting, and a cheaper one (half the weight and optimizer traffic).
     # The "bf16 weights" row trains minijamba the same way, for a like-for-like comparison.
-    bf16 = key in ("transformers", "fast_bf16", "compile_bf16") and device.type == "cuda"
+    bf16 = key in ("transformers", "fast_bf16", "compile_bf16", "compile_graphs_bf16") and device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = (build_transformers(args, sd, device, dtype) if key == "transformers"
              else build_minijamba(args, sd, device, backend, dtype, training=True)).train()  # fmt: skip
@@ -594,17 +595,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({"transformers_kernels": run.meta.get("transformers_kernels"),
                       "transformers_impl": run.meta.get("transformers_impl")}), flush=True)  # fmt: skip
     order = [k for k in ("fast", "transformers", "fast_bf16", "triton", "mamba_ssm", "compile", "compile_graphs",
-                         "compile_bf16") if k in args.only]  # fmt: skip
+                         "compile_bf16", "compile_graphs_bf16") if k in args.only]  # fmt: skip
     for key in order:
         why = backends.why_unavailable("triton")
         if key == "mamba_ssm" and backends.why_unavailable("mamba_ssm") is not None and not args.smoke:
             run.add(impl=IMPLS[key][0], measure="all", status=f"skipped: {backends.why_unavailable('mamba_ssm')}")
             continue
-        if key in ("triton", "compile", "compile_graphs", "compile_bf16") and why is not None and not args.smoke:
+        if key.startswith(("triton", "compile")) and why is not None and not args.smoke:
             run.add(impl=IMPLS[key][0], measure="all", status=f"skipped: {why}")
             continue
         whats = {"compile": ("decode", "prefill", "train"), "compile_graphs": ("train",), "fast_bf16": ("train",),
-                 "compile_bf16": ("train",), "mamba_ssm": ("train", "prefill")}  # fmt: skip
+                 "compile_bf16": ("train",), "compile_graphs_bf16": ("train",), "mamba_ssm": ("train", "prefill")}  # fmt: skip
         whats = whats.get(key, args.what)
         for what in whats:  # compile: the cheaper first; the bf16-weights row only trains
             if what in args.what:

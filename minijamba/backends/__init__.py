@@ -32,11 +32,11 @@ import torch
 
 ENV_VAR = "MINIJAMBA_SCAN_BACKEND"
 
-# What --fast prefers, best first, measured on an H200 (bench/RESULTS.md). Training: at the
-# batched 2K-token steps training runs, mamba-ssm's forward + backward is 1.08x faster than ours
-# (ours is 0.91-0.94x its time from 8K tokens on). Inference (prefill): our Triton forward is
-# 0.82-0.90x mamba-ssm's time. Under torch.compile: triton, which it can see through.
-FAST_ORDER = {"training": ("mamba_ssm", "triton"), "inference": ("triton", "mamba_ssm")}
+# What --fast prefers, best first, measured on an H200 (bench/RESULTS.md, 2026-12-02). Training:
+# our forward + backward takes 0.90x mamba-ssm's time at the batched 2K-token steps training runs
+# and 0.80-0.87x at b=1 from 2K to 32K tokens. Inference (prefill): our forward takes 0.82-0.90x.
+# Under torch.compile: triton, which it can see through. mamba-ssm is the fallback where Triton is not.
+FAST_ORDER = {"training": ("triton", "mamba_ssm"), "inference": ("triton", "mamba_ssm")}
 
 INSTALL_HINT = {
     "triton": "pip install triton (Linux, with a CUDA GPU)",
