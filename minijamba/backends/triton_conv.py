@@ -39,10 +39,11 @@ kernels; Mamba's k is 4), summing them over positions once at the end (a sum ove
 warps; once per window it cost about 7% of the backward). Each program's sums go to a
 (programs, d, k) float32 buffer that torch sums over the programs: deterministic, no atomics.
 
-Where the time goes (H200, bench/gpu_conv.py): the forward runs at 1.6x the DRAM floor at l=32K,
-forward + backward at 3.9x. The k shifted loads of each pass come from L2, not DRAM, and at
-about 5 TB/s the L2 reads, k per pass (2k in the backward: pre, then dw), bound both kernels.
-Loading each tile once and shifting it in registers, as dpre is shifted, is the next step.
+Where the time goes (H200, bench/gpu_conv.py, x time-last): the forward runs at 1.9x the DRAM
+floor at l=32K, forward + backward at 3.2x, and causal-conv1d's kernel for this layout is 2.6-2.8x
+faster in GPU time (bench/RESULTS.md). The k shifted loads of each pass come from L2, not DRAM, and
+the L2 reads, k per pass (2k in the backward: pre, then dw), bound both kernels. Loading each tile
+once and shifting it in registers, as dpre is shifted, is the next step.
 
 The wrappers are `torch.library.triton_op`s (`minijamba.backends.triton_ops`), so torch.compile
 sees through them (no graph break), and eager calls launch the kernels directly.
