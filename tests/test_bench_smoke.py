@@ -32,3 +32,20 @@ def test_gpu_full_scale_smoke(tmp_path, capsys):
             assert r["status"] == "ok" and r["prefill_s"] > 0 and r["plan_total_gib"] > r["plan_weights_gib"]
             assert ("decode_tok_s" in r) == (r["measure"] != "prefill")
     assert "RESULT" in capsys.readouterr().out
+
+
+def test_sass_offline_compiles_the_backward_for_sm90(tmp_path, capsys):
+    """bench/sass_offline.py compiles the scan's backward to sm_90 machine code on this CPU machine
+    (Triton's own ptxas) and finds its loops. Counts differ between Triton versions, so only their
+    presence is checked, and that the state loop (the inner one) is the shorter."""
+    import pytest
+
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("sass_offline", BENCH.parent / "sass_offline.py")
+    sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass)
+    info = sass.main(["bwd", "--out", str(tmp_path)])
+    assert info["registers"] > 0 and info["instructions"] > 100
+    assert len(info["loops"]) >= 2 and min(info["loops"]) < max(info["loops"])  # the state loop inside the chunk loop
+    assert (tmp_path / "bwd.sass").read_text().count("SHFL") > 0
+    assert "SHFL from triton_scan.py" in capsys.readouterr().out
