@@ -349,7 +349,7 @@ def train(run: Run, key: str, sd) -> None:
     # the CUDA scan in fp32 next to a bf16 input: a dtype error), so it trains in pure bf16 weights:
     # its best working setting, and a cheaper one (half the weight and optimizer traffic).
     # The "bf16 weights" row trains minijamba the same way, for a like-for-like comparison.
-    bf16 = key in ("transformers", "fast_bf16", "compile_bf16", "compile_graphs_bf16") and device.type == "cuda"
+    bf16 = (key == "transformers" or key.endswith("_bf16")) and device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = (build_transformers(args, sd, device, dtype) if key == "transformers"
              else build_minijamba(args, sd, device, backend, dtype, training=True)).train()  # fmt: skip

@@ -21,12 +21,14 @@ as transposed. These two functions do that, forward and backward:
     linear_from_time_last(x, W)   x (b, i, l) -> (b, l, o)      = F.linear(rearrange(x, "b i l -> b l i"), W)
 
 Both return a contiguous result, and the gradient of x comes back in x's own layout, so no copy
-is made either way. `LinearToTimeLast` and `LinearFromTimeLast` are the same as `nn.Linear`
-modules (same parameters and names, so checkpoints, initialisation and forward hooks see an
-ordinary Linear); the first can also split its output features into contiguous chunks, as the
-mixer's in_proj does for its two streams. They compute what F.linear computes (also under autocast: in the autocast dtype,
-with float32 gradients for float32 weights); only the order of the sums in a gradient of the weight
-may differ (it sums per-sequence products over the batch).
+is made either way. They compute what F.linear computes (also under autocast: in the autocast
+dtype, with float32 gradients for float32 weights); only the order of the sums in a gradient of
+the weight may differ (it sums per-sequence products over the batch).
+
+`LinearToTimeLast` and `LinearFromTimeLast` are the same as `nn.Linear` modules (same parameters
+and names, so checkpoints, initialisation and forward hooks see an ordinary Linear); the first can
+also split its output features into contiguous chunks, as the mixer's in_proj does for its two
+streams.
 """
 
 from __future__ import annotations
