@@ -498,6 +498,7 @@ def profile(run: Run, title: str, fn) -> None:
     with how much of the wall time the GPU was busy."""
     if run.device.type != "cuda" or not run.args.profile:
         return
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -509,18 +510,40 @@ def profile(run: Run, title: str, fn) -> None:
             sync(run.device)
         wall = time.perf_counter() - t0
         events = prof.key_averages()
-        gpu_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-                     for e in events)  # fmt: skip
         try:
             text = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
         except Exception:  # noqa: BLE001 - older torch names it self_cuda_time_total
             text = events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
-        head = f"== {title}: wall {wall * 1e3:.1f} ms (profiled), GPU kernels {gpu_us / 1e3:.1f} ms"
+        spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA]  # fmt: skip
+        kernels, head = kernel_summary(spans, wall * 1e6)
+        head = f"== {title}: wall {wall * 1e3:.1f} ms (profiled), {head}"
         with open(run.profiles, "a") as f:
-            f.write(f"{head}\n{text}\n\n")
+            f.write(f"{head}\n{text}\n{kernels}\n\n")
         print(head, flush=True)
     except Exception as e:  # noqa: BLE001 - a profile is a bonus, never a failure
         print(f"profile of {title} failed: {type(e).__name__}: {e}", flush=True)
+
+
+def kernel_summary(spans: list[tuple[float, float, str]], wall_us: float, rows: int = 60) -> tuple[str, str]:
+    """The device's kernels (start, end, name) in us: a table of the `rows` costliest names (time,
+    calls, share), and a line with their sum, the time the device was busy with any of them (their
+    union) and the idle rest of the wall time: launch gaps, host syncs."""
+    total, busy, end = 0.0, 0.0, float("-inf")
+    by_name: dict[str, list[float]] = {}
+    for a, b, name in sorted(spans):
+        total += b - a
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+        by_name.setdefault(name, [0.0, 0])
+        by_name[name][0] += b - a
+        by_name[name][1] += 1
+    lines = [f"{'us':>10} {'calls':>6} {'share':>6}  kernel"]
+    for name, (us, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{us:10.1f} {calls:6d} {us / max(total, 1e-9):6.1%}  {name[:110]}")
+    head = (f"GPU kernels {total / 1e3:.1f} ms ({len(spans)} kernels), busy {busy / 1e3:.1f} ms, "
+            f"idle {max(0.0, wall_us - busy) / 1e3:.1f} ms of the wall")  # fmt: skip
+    return "\n".join(lines), head
 
 
 # --- the run ------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ the training loss whenever `router_aux_loss_coef > 0`.
 Two ways to run the experts, held equal by the tests:
     `experts_loop`     for each expert, gather its tokens and run it: the reference, easy to read
     `Experts.forward`  sort the t*K (token, expert) pairs by expert, so each expert's tokens are one
-                       contiguous slice, then run all experts as one grouped matmul per projection
+                       contiguous slice, then run all experts as one grouped matmul per projection;
+                       tokens go to their experts and back by gathers (`gather_rows`), forwards
+                       and backwards, no scatter-add
 """
 
 from __future__ import annotations
@@ -103,18 +105,57 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x (t, h), weights and experts (t, K) -> (t, h), by grouped matmuls over sorted tokens."""
-        t, K = experts.shape
-        n = self.gate_up_proj.shape[0]
-        flat = experts.reshape(-1)  # (t*K,) expert of each assignment
-        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        token = order // K  # the token of each sorted assignment      (t*K,)
-        counts = flat.new_zeros(n).scatter_add_(0, flat, torch.ones_like(flat))  # tokens per expert (n,)
-        ends = counts.cumsum(0).to(torch.int32)  # end of each group (n,); bincount on CUDA would sync
-        xs = x[token]  # (t*K, h), expert 0's tokens first, then expert 1's, ...
-        gate, up = _grouped_linear(xs, self.gate_up_proj, ends).chunk(2, dim=-1)  # (t*K, f) each
-        ys = _grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # (t*K, h)
-        ys = ys * weights.reshape(-1)[order, None]  # scale by the router weight
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # sum the K outputs per token
+        order, place, ends = sort_by_expert(experts, self.gate_up_proj.shape[0])
+        xs = gather_rows(x, order, place, experts.shape[1])  # (t*K, h), expert 0's tokens, then 1's, ...
+        gate, up = _grouped_linear(xs, self.gate_up_proj, ends.to(torch.int32)).chunk(2, dim=-1)  # (t*K, f) each
+        ys = _grouped_linear(F.silu(gate) * up, self.down_proj, ends.to(torch.int32))  # (t*K, h)
+        return combine(ys, order, place, weights).to(x.dtype)
+
+
+def sort_by_expert(experts: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The t*K assignments (token i's are i*K ... i*K+K-1) sorted by expert: experts (t, K) ->
+    order (t*K,), the assignment at each sorted place; place (t*K,), its inverse; ends (n,), where
+    each expert's slice ends (counted on the device: bincount on CUDA would sync with the host)."""
+    flat = experts.reshape(-1)  # (t*K,) the expert of each assignment
+    order = torch.argsort(flat, stable=True)  # (t*K,)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(flat.numel(), device=flat.device)  # (t*K,)
+    counts = flat.new_zeros(n).scatter_add_(0, flat, torch.ones_like(flat))  # assignments per expert (n,)
+    return order, place, counts.cumsum(0)
+
+
+def combine(ys: torch.Tensor, order: torch.Tensor, place: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's K expert outputs, weighted and summed: ys (t*K, h) in sorted order, weights
+    (t, K) -> (t, h) in the weights' dtype or ys', whichever is wider."""
+    t, K = weights.shape
+    ys = gather_rows(ys, place, order, 1).view(t, K, ys.shape[-1])  # back in token order   (t, K, h)
+    return (ys * weights[..., None]).sum(1)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[index // K] for a permutation `index` of t*K rows, whose gradient is a gather too."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, K):  # x (t, h) -> (t*K, h)
+        ctx.save_for_backward(inverse)
+        ctx.K = K
+        return x[index // K]
+
+    @staticmethod
+    def backward(ctx, g):  # g (t*K, h) -> (t, h)
+        (inverse,) = ctx.saved_tensors
+        return g[inverse].view(g.shape[0] // ctx.K, ctx.K, g.shape[-1]).sum(1), None, None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, K: int) -> torch.Tensor:
+    """Row index[j] // K of x for each j: x (t, h) -> (t*K, h), each row of x K times, in the order of
+    the permutation `index` of range(t*K) (`inverse` its inverse: index[inverse[i]] == i).
+
+    The MoE's dispatch (K copies of each token, sorted by expert) and, with K = 1, its way back.
+    Autograd would take x[index]'s gradient by adding g's rows into x's (an index_add: atomic adds,
+    in bf16 on a GPU); a permutation lets it be a gather instead, g[inverse], and the K copies of a
+    row are neighbours there, summed in one pass."""
+    return _GatherRows.apply(x, index, inverse, K)
 
 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

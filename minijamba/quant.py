@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minijamba.config import JambaConfig
-from minijamba.moe import Experts, SparseMoE
+from minijamba.moe import Experts, SparseMoE, combine, gather_rows, sort_by_expert
 
 QUANTIZE_MODES = (None, "int8")
 KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference' or 'triton' (see int8_kernel)
@@ -189,18 +189,11 @@ class Int8Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x (t, h), weights and experts (t, K) -> (t, h). Tokens sorted by expert as in `Experts`,
         then one grouped int8 matmul per projection (`grouped_int8_linear`)."""
-        t, K = experts.shape
-        n = self.gate_up_proj.shape[0]
-        flat = experts.reshape(-1)  # (t*K,) expert of each assignment
-        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        token = order // K  # the token of each sorted assignment   (t*K,)
-        counts = torch.zeros(n, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-        ends = counts.cumsum(0)  # end of each expert's rows (n,); no host sync, unlike bincount on CUDA
-        xs = x[token]  # (t*K, h), expert 0's tokens first, then expert 1's, ...
+        order, place, ends = sort_by_expert(experts, self.gate_up_proj.shape[0])
+        xs = gather_rows(x, order, place, experts.shape[1])  # (t*K, h), expert 0's tokens, then 1's, ...
         gate, up = grouped_int8_linear(xs, self.gate_up_proj, self.gate_up_scale, ends).chunk(2, dim=-1)
         ys = grouped_int8_linear(F.silu(gate) * up, self.down_proj, self.down_scale, ends)  # (t*K, h)
-        ys = ys * weights.reshape(-1)[order, None]  # scale by the router weight
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # sum the K outputs per token
+        return combine(ys, order, place, weights).to(x.dtype)
 
 
 def grouped_int8_linear_reference(x, q, scale, ends) -> torch.Tensor:

@@ -35,3 +35,16 @@ def test_gpu_e2e_smoke(tmp_path, capsys):
     assert by[("minijamba triton+compile", "train")]["tok_s"] > 0
     assert not [r for r in rows if "status" in r]  # nothing failed or skipped
     assert "| minijamba --fast |" in capsys.readouterr().out
+
+
+def test_kernel_summary_counts_overlaps_once():
+    """The profile's busy time is the union of the kernels' spans; their sum counts overlaps twice."""
+    spec = importlib.util.spec_from_file_location("gpu_e2e", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    spans = [(30.0, 40.0, "a"), (0.0, 1000.0, "b"), (500.0, 1500.0, "a"), (2000.0, 2500.0, "c")]
+    table, head = bench.kernel_summary(spans, wall_us=4000.0)
+    assert head == "GPU kernels 2.5 ms (4 kernels), busy 2.0 ms, idle 2.0 ms of the wall"
+    rows = table.splitlines()[1:]
+    assert [r.split()[-1] for r in rows] == ["a", "b", "c"]  # by total time: a 1010, b 1000, c 500
+    assert rows[0].split()[:2] == ["1010.0", "2"]
