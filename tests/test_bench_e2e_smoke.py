@@ -45,6 +45,7 @@ def test_kernel_summary_counts_overlaps_once():
     spans = [(30.0, 40.0, "a"), (0.0, 1000.0, "b"), (500.0, 1500.0, "a"), (2000.0, 2500.0, "c")]
     table, head = bench.kernel_summary(spans, wall_us=4000.0)
     assert head == "GPU kernels 2.5 ms (4 kernels), busy 2.0 ms, idle 2.0 ms of the wall"
-    rows = table.splitlines()[1:]
-    assert [r.split()[-1] for r in rows] == ["a", "b", "c"]  # by total time: a 1010, b 1000, c 500
-    assert rows[0].split()[:2] == ["1010.0", "2"]
+    rows = table.splitlines()
+    assert [r.split()[-1] for r in rows[1:4]] == ["a", "b", "c"]  # by total time: a 1010, b 1000, c 500
+    assert rows[1].split()[:2] == ["1010.0", "2"]
+    assert rows[5].split() == ["500.0", "1500", "a", "->", "c"]  # the one gap: 1500-2000 us, after a
