@@ -31,6 +31,8 @@ Implementations (rows):
                                 replayed as CUDA graphs, no launch overhead (train only)
     ... , bf16 weights          the compiled model trained with bf16 weights, as transformers
                                 trains (train only); also with CUDA graphs
+    ... , compiled AdamW        and the optimizer's step compiled too (torch.compile of a foreach
+                                AdamW: its own fused kernels, in place of the fused CUDA AdamW)
     transformers                JambaForCausalLM with the kernels it finds (printed: mamba-ssm's scan
                                 and step, causal-conv1d's convolution), its default attention and experts
 
@@ -92,6 +94,8 @@ IMPLS = {
     "compile_graphs": ("minijamba triton+compile, CUDA graphs", "triton", "reduce-overhead"),
     "compile_bf16": ("minijamba triton+compile, bf16 weights", "triton", True),
     "compile_graphs_bf16": ("minijamba triton+compile, CUDA graphs, bf16 weights", "triton", "reduce-overhead"),
+    "compile_graphs_opt_bf16": ("minijamba triton+compile, CUDA graphs, compiled AdamW, bf16 weights", "triton",
+                                "reduce-overhead"),
     "transformers": ("transformers", None, False),
 }
 # Seconds each section needs at the least on an H100, to skip what would not finish in the budget.
@@ -356,8 +360,11 @@ def train(run: Run, key: str, sd) -> None:
     if key != "transformers":
         run.meta.setdefault("train_backend", {})[label] = model.config.scan_backend
     net = torch.compile(model, **compile_options(args, compiled)) if compiled else model
-    # Fused AdamW on a GPU for every row: what train.py uses, and transformers' Trainer's default.
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    # Fused AdamW on a GPU for every row (what train.py uses, and transformers' Trainer's default)
+    # but the compiled-AdamW one.
+    compiled_opt = "_opt" in key
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device.type == "cuda" and not compiled_opt) or None)
+    opt_step = torch.compile(opt.step, **compile_options(args)) if compiled_opt else opt.step
     g = torch.Generator(device=device).manual_seed(1)
     shape = (s["batch"], s["seq"] + 1)
     batches = [torch.randint(0, model.config.vocab_size, shape, device=device, generator=g) for _ in range(2)]
@@ -376,7 +383,7 @@ def train(run: Run, key: str, sd) -> None:
             else:
                 loss = net(ids[:, :-1], targets=ids[:, 1:])[1]
         loss.backward()
-        opt.step()
+        opt_step()
 
     cleanup()
     t_first = time.perf_counter()
@@ -642,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({"transformers_kernels": run.meta.get("transformers_kernels"),
                       "transformers_impl": run.meta.get("transformers_impl")}), flush=True)  # fmt: skip
     order = [k for k in ("fast", "transformers", "fast_bf16", "triton", "mamba_ssm", "compile", "compile_graphs",
-                         "compile_bf16", "compile_graphs_bf16") if k in args.only]  # fmt: skip
+                         "compile_bf16", "compile_graphs_bf16", "compile_graphs_opt_bf16") if k in args.only]  # fmt: skip
     for key in order:
         why = backends.why_unavailable("triton")
         if key == "mamba_ssm" and backends.why_unavailable("mamba_ssm") is not None and not args.smoke:
@@ -652,7 +659,8 @@ def main(argv: list[str] | None = None) -> dict:
             run.add(impl=IMPLS[key][0], measure="all", status=f"skipped: {why}")
             continue
         whats = {"compile": ("decode", "prefill", "train"), "compile_graphs": ("train",), "fast_bf16": ("train",),
-                 "compile_bf16": ("train",), "compile_graphs_bf16": ("train",), "mamba_ssm": ("train", "prefill")}  # fmt: skip
+                 "compile_bf16": ("train",), "compile_graphs_bf16": ("train",), "compile_graphs_opt_bf16": ("train",),
+                 "mamba_ssm": ("train", "prefill")}  # fmt: skip
         whats = whats.get(key, args.what)
         for what in whats:  # compile: the cheaper first; the bf16-weights row only trains
             if what in args.what:
