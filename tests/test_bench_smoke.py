@@ -34,13 +34,14 @@ def test_gpu_full_scale_smoke(tmp_path, capsys):
     assert "RESULT" in capsys.readouterr().out
 
 
-def test_sass_offline_compiles_the_backward_for_sm90(tmp_path, capsys):
+def test_sass_offline_compiles_the_backward_for_sm90(tmp_path, capsys, monkeypatch):
     """bench/sass_offline.py compiles the scan's backward to sm_90 machine code on this CPU machine
     (Triton's own ptxas) and finds its loops. Counts differ between Triton versions, so only their
     presence is checked, and that the state loop (the inner one) is the shorter."""
     import pytest
 
     pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # its own compile cache: no other run's entries
     spec = importlib.util.spec_from_file_location("sass_offline", BENCH.parent / "sass_offline.py")
     sass = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sass)
