@@ -6,6 +6,7 @@
     python train_tiny.py --resume                 # continue where it stopped
     python train_tiny.py --layout mamba --out-dir out/mamba      # the same size, Mamba layers only
     python train_tiny.py --task mqar --out-dir out/mqar           # associative recall
+    python train_tiny.py --fast --cuda-graphs --weights bf16      # a GPU's fastest: see README.md
     torchrun --nproc-per-node 2 train_tiny.py --out-dir out/two   # 2 GPUs (or CPU processes): FSDP2
 
 The training loop itself is minijamba/train.py; this script only turns flags into a TrainConfig.
@@ -19,7 +20,7 @@ import os
 import sys
 
 from minijamba.config import LAYOUTS, PRESETS
-from minijamba.train import DEFAULT_BATCH, EVALS_PER_RUN, TASKS, TrainConfig
+from minijamba.train import DEFAULT_BATCH, EVALS_PER_RUN, TASKS, WEIGHTS, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -152,6 +153,20 @@ def build_parser() -> Parser:
         action="store_true",
         default=None,
         help="torch.compile the model (slow to start, faster after)",
+    )
+    g.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        default=None,
+        help="--compile with mode='reduce-overhead': each step replays as CUDA graphs, without a launch "
+        "per kernel (one process on a GPU)",
+    )
+    g.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        help=f"fp32: float32 weights, bf16 matmuls under autocast on a GPU; bf16: parameters and AdamW's "
+        f"state in bf16 (A_log, D, the dt bias stay fp32), as transformers trains Jamba: less memory and "
+        f"faster, but an update under ~0.2-0.4%% of its weight rounds away (default {d.weights})",
     )
     g.add_argument(
         "--checkpoint-activations",

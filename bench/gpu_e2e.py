@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 from minijamba import Jamba, JambaConfig, backends
 from minijamba.cuda_graph import DecodeStep
+from minijamba.hf import cast_parameters
 from minijamba.runtime import scan_backend_for
 
 CONFIG = dict(
@@ -180,13 +181,7 @@ def build_minijamba(args, sd, device, backend: str, dtype, training: bool = Fals
         model = Jamba(config_for(args, backend, training))
     model = model.to_empty(device=device)
     model.load_state_dict(sd)  # copies: `sd` stays as drawn, whatever training does to the model
-    if dtype != torch.float32:
-        from minijamba.hf import FLOAT32_PARAMS
-
-        for name, p in model.named_parameters():
-            if not name.endswith(FLOAT32_PARAMS):
-                p.data = p.data.to(dtype)
-    return model
+    return cast_parameters(model, dtype)
 
 
 def load_mamba_kernels() -> None:

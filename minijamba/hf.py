@@ -89,6 +89,14 @@ def _fp32(name: str) -> bool:
     return any(name == s or name.endswith("." + s) for s in FLOAT32_PARAMS)
 
 
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` with its parameters in `dtype`, but FLOAT32_PARAMS (A_log, D, the Δ bias) in float32,
+    as `load_hf` holds them (see above). In place; returns the model."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if _fp32(name) else dtype)
+    return model
+
+
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_SHOW])
     return f"{shown} ... and {len(names) - _SHOW} more" if len(names) > _SHOW else shown

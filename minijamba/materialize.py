@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from minijamba.config import JambaConfig
-from minijamba.hf import FLOAT32_PARAMS
+from minijamba.hf import cast_parameters
 from minijamba.model import Jamba
 from minijamba.moe import Experts, SparseMoE
 from minijamba.norm import RMSNorm
@@ -45,10 +45,7 @@ def meta_model(config: JambaConfig, dtype=torch.bfloat16, quantize=None) -> Jamb
     Exact shapes and dtypes of what `build` allocates, so its sizes can be planned (memory_plan)."""
     check_quantize(quantize)
     with torch.device("meta"):
-        model = Jamba(config).to(dtype)
-        for name, p in model.named_parameters():
-            if name.endswith(tuple("." + s for s in FLOAT32_PARAMS)):  # A_log, D, dt_proj.bias: float32 as in load_hf
-                p.data = p.data.float()
+        model = cast_parameters(Jamba(config), dtype)  # A_log, D, dt_proj.bias: float32 as in load_hf
         if quantize == "int8":
             for module in model.modules():
                 if isinstance(module, SparseMoE):

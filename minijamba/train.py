@@ -9,7 +9,16 @@ Glossary:
 
 What one step does: take batch s (a pure function of seed and s, see minijamba.data), forward
 with the loss (bf16 autocast on a GPU, fp32 on the CPU), backward, clip the gradient norm, set
-the learning rate for s, AdamW step. Every so often: validation loss in nats per token and bits
+the learning rate for s, AdamW step.
+
+Weights: float32 by default, the matmuls in bf16 under autocast on a GPU (mixed precision: AdamW
+updates float32 weights, so no update is lost to rounding). `weights="bf16"` keeps the parameters
+and AdamW's state in bf16 (A_log, D and the Δ bias stay float32, as `hf.cast_parameters` does), as
+transformers' Jamba trains: half the memory and the optimizer's traffic, but an update smaller than
+half a weight's bf16 step (0.2-0.4% of the weight) rounds away. `cuda_graphs=True` compiles the model with
+torch.compile's mode="reduce-overhead": each step's kernels replay as CUDA graphs, without a
+launch each. With both and --fast, a GPU step runs at the speed bench/RESULTS.md reports against
+transformers. Every so often: validation loss in nats per token and bits
 per byte (MQAR: recall accuracy), a checkpoint, the loss-curve plot.
 
 Schedule: linear warmup, then cosine decay to `min_lr_ratio * lr` at step T. With `max_steps` T is
@@ -49,6 +58,7 @@ from minijamba import checkpoint, distributed
 from minijamba import tokenizer as tk
 from minijamba.config import LAYOUTS, PRESETS, JambaConfig
 from minijamba.data import IGNORE, MQARSpec, MQARTask, TextTask, bits_per_byte
+from minijamba.hf import cast_parameters
 from minijamba.model import Jamba
 from minijamba.plots import plot_history
 from minijamba.runtime import StopFlag, check_training_fits, dist_info, peak_memory, scan_backend_for
@@ -56,8 +66,9 @@ from minijamba.schedule import EVALS_PER_RUN, lr_at, plan_steps, time_left
 
 TASKS = ("text", "mqar")
 # Fields a resumed run takes from the command line; all others come from the checkpoint.
-RUNTIME_FIELDS = ("time_budget", "device", "compile", "fast", "stop_after", "out_dir", "resume", "overwrite",
-                  "checkpoint_activations")
+RUNTIME_FIELDS = ("time_budget", "device", "compile", "cuda_graphs", "fast", "stop_after", "out_dir", "resume",
+                  "overwrite", "checkpoint_activations")
+WEIGHTS = ("fp32", "bf16")
 PLAN_AFTER = 10  # steps timed before estimating T from the time budget ...
 PLAN_SECONDS = 15.0  # ... and seconds (unless warmup ends first)
 DEFAULT_BATCH = {"text": 8, "mqar": 32}  # sequences per step; MQAR's are short and carry few targets
@@ -93,6 +104,8 @@ class TrainConfig:
     mqar_values: int = 32
     device: str = "auto"  # "auto" = cuda if available, else cpu
     compile: bool = False  # torch.compile the model
+    cuda_graphs: bool = False  # compile with mode="reduce-overhead": steps replayed as CUDA graphs (GPU)
+    weights: str = "fp32"  # "fp32" (mixed precision) or "bf16": parameters and AdamW's state in bf16
     checkpoint_activations: bool = False  # recompute each decoder layer's activations in backward
     fast: bool = False  # the fastest available scan backend instead of the reference
     out_dir: str = "out/tiny"
@@ -106,6 +119,10 @@ class TrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"unknown weights dtype {self.weights!r}: choose one of {', '.join(WEIGHTS)}")
+        if self.cuda_graphs:
+            self.compile = True  # CUDA graphs come from torch.compile's mode="reduce-overhead"
         if self.batch_size is None:
             self.batch_size = DEFAULT_BATCH.get(self.task, 8)
         for name in ("batch_size", "seq_len", "eval_batches"):
@@ -181,11 +198,12 @@ def build_task(cfg: TrainConfig, tokenizer=None):
 
 
 @torch.no_grad()
-def evaluate(model, batches, token_nbytes, device, autocast) -> dict:
+def evaluate(model, batches, token_nbytes, device, autocast, step_begin=lambda: None) -> dict:
     """Validation: mean nats per target token, next-token accuracy, and bits per byte (text)."""
     nats, count, correct, nbytes = 0.0, 0, 0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
+        step_begin()
         with autocast():
             logits = model(x)  # (b, l, V)
         y = y.flatten()
@@ -209,6 +227,9 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     cfg.validate()
     device = distributed.setup(cfg.device)  # joins torchrun's process group when it started us
     rank, world = dist_info()
+    if cfg.cuda_graphs and (device.type != "cuda" or world > 1):
+        where = f"a {device.type} device" if device.type != "cuda" else f"{world} processes"
+        raise ValueError(f"--cuda-graphs needs one process on a CUDA GPU, and this run has {where}: drop it")
     main = rank == 0
     from tqdm import tqdm
 
@@ -256,6 +277,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         check_training_fits(Jamba(config).num_parameters(), device, world)
     torch.manual_seed(cfg.seed)
     model = Jamba(config).to(device)
+    if cfg.weights == "bf16":
+        cast_parameters(model, torch.bfloat16)
     model = distributed.prepare(model, device, cfg.checkpoint_activations)  # FSDP2 if several processes
     optimizer = make_optimizer(model, cfg)
     state = {
@@ -279,15 +302,18 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         )
     resumed_from = state["step"] if ckpt else None
 
-    net = torch.compile(model) if cfg.compile else model
-    use_bf16 = device.type == "cuda"
+    net = torch.compile(model, mode="reduce-overhead" if cfg.cuda_graphs else None) if cfg.compile else model
+    # A step's CUDA graphs own their outputs until the next step begins; say when it does.
+    step_begin = torch.compiler.cudagraph_mark_step_begin if cfg.cuda_graphs else (lambda: None)
+    use_bf16 = device.type == "cuda" or cfg.weights == "bf16"  # bf16 weights: bf16 math on a CPU too
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     val = task.val_batches(cfg.batch_size, cfg.eval_batches)  # every process evaluates all of it
     title = f"{cfg.layout} {config.describe()}"
     say(f"model: {cfg.preset} {cfg.layout}, {config.describe()}, {model.num_parameters() / 1e6:.2f}M parameters "
         f"({model.num_parameters(active=True) / 1e6:.2f}M active), scan backend {config.scan_backend or 'default'}")  # fmt: skip
     say(f"data: {task.describe()}; batch {cfg.batch_size} x {task.seq_len} tokens; device {device}"
-        + (" (bf16 autocast)" if use_bf16 else " (fp32)")
+        + (" (bf16 weights)" if cfg.weights == "bf16" else " (bf16 autocast)" if use_bf16 else " (fp32)")
+        + ("; CUDA graphs" if cfg.cuda_graphs else "")
         + (f"; {world} processes, FSDP2" if world > 1 else "")
         + ("; activation checkpointing" if cfg.checkpoint_activations else ""))  # fmt: skip
 
@@ -314,7 +340,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
     def run_eval():
         t = time.monotonic()
-        metrics = evaluate(net, val, task.token_nbytes, device, autocast)
+        metrics = evaluate(net, val, task.token_nbytes, device, autocast, step_begin)
         state["evals"].append({"step": state["step"], **metrics})
         return metrics, time.monotonic() - t
 
@@ -328,7 +354,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     save_seconds = 1.0
     budget_end = None if cfg.time_budget is None else start + cfg.time_budget
     tokens_per_step = cfg.batch_size * task.seq_len
-    train_time, train_tokens, timed_from = 0.0, 0, None
+    train_time, train_tokens, timed_from, done_here = 0.0, 0, None, 0
+    warm_steps = 3 if cfg.cuda_graphs else 1  # steps of this call left out of the throughput (see below)
 
     bar = tqdm(total=state["planned_steps"], initial=state["step"], unit="step", disable=not main,
                dynamic_ncols=True, mininterval=0.5, file=sys.stderr)  # fmt: skip
@@ -360,6 +387,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 group["lr"] = lr
             x, y = task.batch(step, cfg.batch_size, rows)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            step_begin()
             with autocast():
                 _, loss = net(x, targets=y)
             loss.backward()
@@ -382,8 +410,10 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             hist["step"].append(step), hist["loss"].append(loss_value), hist["lr"].append(lr)
             dt = time.monotonic() - t0
             state["train_seconds"] += dt
-            # Throughput from the second step on (the first one warms up caches and compilation).
-            if timed_from is None:
+            # Throughput once warm: the first step of this call warms up caches and compiles; with
+            # CUDA graphs the next ones run the graphs' warm-up and capture them.
+            done_here += 1
+            if done_here <= warm_steps:
                 timed_from = step
             else:
                 train_time += dt

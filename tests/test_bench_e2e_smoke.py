@@ -12,14 +12,20 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_e2e.py"
+LOOP = BENCH.with_name("gpu_train_loop.py")
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_gpu_e2e_smoke(tmp_path, capsys):
     pytest.importorskip("transformers")
     torch.set_num_threads(1)  # tiny ops: one thread per test worker (see tests/helpers.py)
-    spec = importlib.util.spec_from_file_location("gpu_e2e", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load(BENCH)
     out = tmp_path / "e2e.json"
     bench.main(["--smoke", "--only", "fast", "fast_bf16", "transformers", "compile", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
@@ -35,6 +41,23 @@ def test_gpu_e2e_smoke(tmp_path, capsys):
     assert by[("minijamba triton+compile", "train")]["tok_s"] > 0
     assert not [r for r in rows if "status" in r]  # nothing failed or skipped
     assert "| minijamba --fast |" in capsys.readouterr().out
+
+
+def test_gpu_train_loop_smoke(tmp_path, capsys):
+    """The training loop's benchmark: transformers' row, then train_tiny.py's loop in each setting
+    (on the CPU without compile and CUDA graphs), each row a finished run with its vocabulary."""
+    pytest.importorskip("transformers")
+    torch.set_num_threads(1)
+    out = tmp_path / "loop.json"
+    load(LOOP).main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["transformers", "train_tiny.py --fast --compile",
+                                         "train_tiny.py --fast --cuda-graphs",
+                                         "train_tiny.py --fast --cuda-graphs --weights bf16"]  # fmt: skip
+    assert all(r["tok_s"] > 0 for r in rows)
+    for r in rows[1:]:
+        assert r["status"] == "done" and r["steps"] == 4 and r["vocab_size"] == 512, r
+    assert "| train_tiny.py --fast --cuda-graphs --weights bf16 |" in capsys.readouterr().out
 
 
 def test_kernel_summary_counts_overlaps_once():

@@ -162,7 +162,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(text_file, tmp_path):
 def test_help_lists_the_flags(capsys):
     for module, flags in (
         (train_tiny, ["--data", "--vocab-size", "--preset", "--layout", "--compile", "--seed", "--max-steps",
-                      "--time-budget", "--device", "--fast", "--out-dir", "--resume", "--task"]),
+                      "--time-budget", "--device", "--fast", "--cuda-graphs", "--weights", "--out-dir", "--resume",
+                      "--task"]),
         (generate, ["--out-dir", "--hf", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                     "--seed", "--num-samples", "--device", "--fast"]),
     ):  # fmt: skip
@@ -189,6 +190,8 @@ def test_help_lists_the_flags(capsys):
         (["--resume", "--out-dir", "{tmp}/nothing"], ["no checkpoint", "does not exist"]),
         (["--vocab-size", "10"], ["at least 257"]),
         (["--max-steps", "0"], ["max_steps must be >= 1"]),
+        (["--weights", "fp8"], ["invalid choice", "bf16"]),
+        (["--cuda-graphs", "--device", "cpu"], ["--cuda-graphs needs one process on a CUDA GPU", "drop it"]),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], ["device"]),
     ],
 )

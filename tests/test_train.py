@@ -48,13 +48,14 @@ def assert_same_tensors(a: dict, b: dict):
 
 
 # --- resume, seeds, learning ---------------------------------------------------------------------
-def test_resume_is_exact(text_file, tmp_path):
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_resume_is_exact(text_file, tmp_path, weights):
     """N steps in one go == N/2 steps, stop, resume for N/2: bit-identical weights and optimizer."""
-    whole = train(config(text_file, tmp_path / "whole"), log=quiet)
+    whole = train(config(text_file, tmp_path / "whole", weights=weights), log=quiet)
     assert whole.status == "done" and whole.step == 6
-    half = train(config(text_file, tmp_path / "split", stop_after=3), log=quiet)
+    half = train(config(text_file, tmp_path / "split", stop_after=3, weights=weights), log=quiet)
     assert half.status == "stopped" and half.step == 3
-    resumed = train(config(text_file, tmp_path / "split", resume=True), log=quiet)
+    resumed = train(config(text_file, tmp_path / "split", resume=True), log=quiet)  # weights: from the checkpoint
     assert resumed.status == "done" and resumed.step == 6 and resumed.resumed_from == 3
     for name in (checkpoint.MODEL, checkpoint.OPTIMIZER):
         assert_same_tensors(tensors(tmp_path / "whole", name), tensors(tmp_path / "split", name))
@@ -81,6 +82,37 @@ def test_training_lowers_the_validation_loss(text_file, tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     assert 0 < r.metrics["bits_per_byte"] < evals[0]["bits_per_byte"]
     assert math.isclose(r.metrics["val_loss"], evals[-1]["val_loss"])
+
+
+def test_bf16_weights_train_in_bf16_with_the_scan_parameters_in_fp32(text_file, tmp_path):
+    """weights="bf16": parameters and AdamW's moments in bf16, but A_log, D and the Δ bias in float32
+    (rounding them would move every channel's decay and step size); it still learns, and the
+    checkpoint samples as fp32 on the CPU."""
+    r = train(config(text_file, tmp_path / "o", weights="bf16", max_steps=30, eval_interval=30, lr=1e-2,
+                     batch_size=4), log=quiet)  # fmt: skip
+    evals = json.loads((tmp_path / "o" / checkpoint.STATE).read_text())["evals"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5 and r.status == "done"
+    fp32 = lambda name: name.rsplit(".", 1)[-1] in ("A_log", "D") or name.endswith("dt_proj.bias")
+    weights = tensors(tmp_path / "o", checkpoint.MODEL)
+    assert any(fp32(k) for k in weights) and any(not fp32(k) for k in weights)
+    for k, v in weights.items():
+        assert v.dtype == (torch.float32 if fp32(k) else torch.bfloat16), k
+    for k, v in tensors(tmp_path / "o", checkpoint.OPTIMIZER).items():
+        name, key = k.split("/")
+        if key in ("exp_avg", "exp_avg_sq"):
+            assert v.dtype == weights[name].dtype, k
+    model, _ = checkpoint.load_model(tmp_path / "o", dtype=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_cuda_graphs_need_a_gpu(text_file, tmp_path):
+    cfg = config(text_file, tmp_path / "o", cuda_graphs=True)
+    with pytest.raises(ValueError, match="--cuda-graphs needs one process on a CUDA GPU.*cpu.*drop it"):
+        train(cfg, log=quiet)
+    assert cfg.compile  # CUDA graphs come from torch.compile
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="unknown weights dtype 'fp16'.*fp32, bf16"):
+        config(text_file, tmp_path / "o", weights="fp16").validate()
 
 
 def test_mqar_run_reports_recall_accuracy(tmp_path):
