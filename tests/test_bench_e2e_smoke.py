@@ -51,11 +51,11 @@ def test_gpu_train_loop_smoke(tmp_path, capsys):
     out = tmp_path / "loop.json"
     load(LOOP).main(["--smoke", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["transformers", "train_tiny.py --fast --compile",
+    assert [r["impl"] for r in rows] == ["transformers", "transformers_loop", "train_tiny.py --fast --compile",
                                          "train_tiny.py --fast --cuda-graphs",
                                          "train_tiny.py --fast --cuda-graphs --weights bf16"]  # fmt: skip
     assert all(r["tok_s"] > 0 for r in rows)
-    for r in rows[1:]:
+    for r in rows[2:]:
         assert r["status"] == "done" and r["steps"] == 4 and r["vocab_size"] == 512, r
     assert "| train_tiny.py --fast --cuda-graphs --weights bf16 |" in capsys.readouterr().out
 
