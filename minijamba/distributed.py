@@ -238,12 +238,13 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the gradient norm over all parameters (over all shards when sharded); the norm before."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradient norm over all parameters (over all shards when sharded); the norm before,
+    as a 0-d tensor on the device (reading it would wait for the device)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):  # a DTensor: the norm over every shard
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 # --- checkpoints -------------------------------------------------------------------------------

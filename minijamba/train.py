@@ -154,6 +154,26 @@ class TrainResult:
     resumed_from: int | None = None
 
 
+class Readout:
+    """A step's few numbers (loss, gradient norm), copied to the host without waiting for the device:
+    `get` a step later, when the device is on the next one and the host has launched it (waiting
+    right away would leave the device idle while the host launches each step)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.ready = None
+        self.host = values
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def get(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient became NaN or infinite; the run stopped without writing a checkpoint."""
 
@@ -359,7 +379,28 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
     bar = tqdm(total=state["planned_steps"], initial=state["step"], unit="step", disable=not main,
                dynamic_ncols=True, mininterval=0.5, file=sys.stderr)  # fmt: skip
-    status, ema = "done", None
+    status, ema, pending = "done", [], None
+
+    def settle():
+        """Check and record the pending step's loss and gradient norm (waiting for them if need be).
+        Read a step late, they leave the device busy: a non-finite one still stops the run before
+        anything is evaluated or written, and the last good checkpoint stays."""
+        nonlocal pending
+        if pending is None:
+            return
+        (done, lr_done, values), pending = pending, None
+        loss_value, norm = values.get()
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            bar.close()
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            kept = (f"the last good checkpoint (step {last_good}) is kept in {out_dir}" if last_good is not None
+                    else "no checkpoint had been written yet")  # fmt: skip
+            raise NonFiniteLoss(f"the {what} became {loss_value if what == 'loss' else norm} at step {done}; "
+                                f"training stopped and {kept}; try a lower --lr")  # fmt: skip
+        hist = state["history"]
+        hist["step"].append(done), hist["loss"].append(loss_value), hist["lr"].append(lr_done)
+        ema[:] = [loss_value if not ema else 0.9 * ema[0] + 0.1 * loss_value]
+
     with StopFlag() as stop:
         model.train()
         while True:
@@ -392,22 +433,13 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 _, loss = net(x, targets=y)
             loss.backward()
             grad_norm = distributed.clip_grad_norm(model, cfg.grad_clip)  # over all shards
-            loss_value = _mean_over_ranks(loss.detach(), world).item()
-            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-                bar.close()
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                kept = (f"the last good checkpoint (step {last_good}) is kept in {out_dir}" if last_good is not None
-                        else "no checkpoint had been written yet")  # fmt: skip
-                raise NonFiniteLoss(
-                    f"the {what} became {loss_value if what == 'loss' else float(grad_norm)} at step {step + 1}; "
-                    f"training stopped and {kept}; try a lower --lr"
-                )
+            values = Readout(torch.stack([_mean_over_ranks(loss.detach(), world).float(), grad_norm.float()]))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             state["tokens_seen"] += tokens_per_step
-            hist = state["history"]
-            hist["step"].append(step), hist["loss"].append(loss_value), hist["lr"].append(lr)
+            settle()  # the last step's loss, read now that the device is on this one
+            pending = (step, lr, values)
             dt = time.monotonic() - t0
             state["train_seconds"] += dt
             # Throughput once warm: the first step of this call warms up caches and compiles; with
@@ -418,7 +450,6 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             else:
                 train_time += dt
                 train_tokens += tokens_per_step
-            ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
 
             # With only a time budget: fix the schedule's length T once the speed is known.
             timed = step - timed_from >= PLAN_AFTER and (
@@ -437,7 +468,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
             tok_s = train_tokens / train_time if train_time else 0.0
             left = time_left(state, step, train_time, train_tokens, tokens_per_step, budget_end)
-            bar.set_postfix_str(f"loss {ema:.3f}, {tok_s:,.0f} tok/s, {left} left", refresh=False)
+            shown = f"loss {ema[0]:.3f}, " if ema else ""
+            bar.set_postfix_str(f"{shown}{tok_s:,.0f} tok/s, {left} left", refresh=False)
             bar.update(1)
 
             interval = state["eval_interval"]
@@ -447,11 +479,17 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 and step != state["planned_steps"]
                 and step != cfg.stop_after
             ):
+                settle()
                 metrics, eval_seconds = run_eval()
                 model.train()
                 say(_format_eval(step, metrics))
                 save_seconds = save("running")
                 last_good = step
+        t_end = time.monotonic()
+        settle()  # nothing is evaluated or written before the last step's loss is known to be finite
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.monotonic() - t_end if train_tokens else 0.0  # the device's last step
     bar.close()
 
     # The end: a last validation (unless interrupted: then get out fast) and a checkpoint.
