@@ -427,6 +427,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = task.batch(step, cfg.batch_size, rows)
+            if device.type == "cuda":  # from pinned memory the copy need not wait for the last step
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             step_begin()
             with autocast():
