@@ -1,4 +1,5 @@
-"""Where a run happens: the device, the scan backend `--fast` picks, the process group, peak memory.
+"""Where a run happens: the device, the scan backend `--fast` picks, the process group, peak memory,
+and a step's numbers read back without waiting for the device.
 
 train_tiny.py and generate.py share these, so each flag is turned into a setting in one place.
 Under torchrun (several processes), `dist_info` reports this process's rank and the world size.
@@ -102,3 +103,23 @@ class StopFlag:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+class Readout:
+    """A step's few numbers (loss, gradient norm), copied to the host without waiting for the device:
+    `get` a step later, when the device is on the next one and the host has launched it (waiting
+    right away would leave the device idle while the host launches each step)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.ready = None
+        self.host = values
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def get(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()

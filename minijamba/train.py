@@ -9,7 +9,8 @@ Glossary:
 
 What one step does: take batch s (a pure function of seed and s, see minijamba.data), forward
 with the loss (bf16 autocast on a GPU, fp32 on the CPU), backward, clip the gradient norm, set
-the learning rate for s, AdamW step.
+the learning rate for s, AdamW step. The step's loss and gradient norm are read (and checked) a
+step late, so the host launches the next step while the device runs this one.
 
 Weights: float32 by default, the matmuls in bf16 under autocast on a GPU (mixed precision: AdamW
 updates float32 weights, so no update is lost to rounding). `weights="bf16"` keeps the parameters
@@ -61,7 +62,7 @@ from minijamba.data import IGNORE, MQARSpec, MQARTask, TextTask, bits_per_byte
 from minijamba.hf import cast_parameters
 from minijamba.model import Jamba
 from minijamba.plots import plot_history
-from minijamba.runtime import StopFlag, check_training_fits, dist_info, peak_memory, scan_backend_for
+from minijamba.runtime import Readout, StopFlag, check_training_fits, dist_info, peak_memory, scan_backend_for
 from minijamba.schedule import EVALS_PER_RUN, lr_at, plan_steps, time_left
 
 TASKS = ("text", "mqar")
@@ -152,26 +153,6 @@ class TrainResult:
     peak_memory_bytes: int | None
     out_dir: str
     resumed_from: int | None = None
-
-
-class Readout:
-    """A step's few numbers (loss, gradient norm), copied to the host without waiting for the device:
-    `get` a step later, when the device is on the next one and the host has launched it (waiting
-    right away would leave the device idle while the host launches each step)."""
-
-    def __init__(self, values: torch.Tensor):
-        self.ready = None
-        self.host = values
-        if values.is_cuda:
-            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self.host.copy_(values, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-
-    def get(self) -> list[float]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host.tolist()
 
 
 class NonFiniteLoss(RuntimeError):
