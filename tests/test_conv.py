@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from helpers import MODEL_RTOL, assert_close, gen, mamba_sizes, seeds
@@ -204,11 +204,16 @@ def test_triton_matches_the_reference(b, d, l, k, dtype, use, layout, gy_layout,
 
 def assert_rounded_like(actual, expected, what):
     """Two 16-bit results rounded at the same points: equal but for a rare last-place difference where
-    the two float32 sums (taken in different orders) straddle a rounding boundary."""
+    the two float32 sums (taken in different orders) straddle a rounding boundary. Where a sum cancels
+    (a result far below its terms, e.g. 1e-3 from terms of 0.1), the two sums' orders show at more
+    than one of the result's last places: there the bound is 1/16 of a last place of the tensor's
+    largest value (seen once in CI: dx 0.001305 against 0.001236, 0.005 of that place)."""
     a, e = actual.detach().cpu().float(), expected.detach().cpu().float()
     assert a.shape == e.shape, what
-    ulp = torch.finfo(expected.dtype).eps * torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(1e-30))))
-    assert ((a - e).abs() <= ulp).all(), f"{what}: more than one unit in the last place apart"
+    eps = torch.finfo(expected.dtype).eps
+    ulp = eps * torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(1e-30))))
+    bound = torch.maximum(ulp, eps * e.abs().max() / 16) if e.numel() else ulp
+    assert ((a - e).abs() <= bound).all(), f"{what}: more than one unit in the last place apart"
     differ = (a != e).float().mean().item()
     assert differ <= 0.01, f"{what}: {differ:.1%} of the elements differ (rounded at other points?)"
 
@@ -216,6 +221,7 @@ def assert_rounded_like(actual, expected, what):
 @needs_triton
 @settings(max_examples=6, deadline=None)
 @given(b=st.integers(1, 2), d=st.integers(1, 9), l=st.integers(8, 30), k=st.integers(2, 4), seed=seeds)
+@example(b=1, d=7, l=29, k=3, seed=11410)  # a dx that cancels (see assert_rounded_like)
 def test_bf16_rounding_points_match_the_reference(b, d, l, k, seed):
     """Against the reference run in bfloat16 itself (not in float64): the conv rounded once, SiLU on
     the rounded value, dpre rounded before the transposed conv, dw and dbias rounded to bf16. A
@@ -387,3 +393,4 @@ def test_gpu_conv_bench_smoke(tmp_path, capsys):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["rows"])
     assert "| triton |" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "gpu_conv.log")
+
