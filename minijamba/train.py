@@ -10,17 +10,17 @@ Glossary:
 What one step does: take batch s (a pure function of seed and s, see minijamba.data), forward
 with the loss (bf16 autocast on a GPU, fp32 on the CPU), backward, clip the gradient norm, set
 the learning rate for s, AdamW step. The step's loss and gradient norm are read (and checked) a
-step late, so the host launches the next step while the device runs this one.
+step late, so the host launches the next step while the device runs this one. Every so often:
+validation loss in nats per token and bits per byte (MQAR: recall accuracy), a checkpoint, the
+loss-curve plot.
 
 Weights: float32 by default, the matmuls in bf16 under autocast on a GPU (mixed precision: AdamW
 updates float32 weights, so no update is lost to rounding). `weights="bf16"` keeps the parameters
-and AdamW's state in bf16 (A_log, D and the Δ bias stay float32, as `hf.cast_parameters` does), as
-transformers' Jamba trains: half the memory and the optimizer's traffic, but an update smaller than
-half a weight's bf16 step (0.2-0.4% of the weight) rounds away. `cuda_graphs=True` compiles the model with
-torch.compile's mode="reduce-overhead": each step's kernels replay as CUDA graphs, without a
-launch each. With both and --fast, a GPU step runs at the speed bench/RESULTS.md reports against
-transformers. Every so often: validation loss in nats per token and bits
-per byte (MQAR: recall accuracy), a checkpoint, the loss-curve plot.
+and AdamW's state in bf16 (A_log, D and the Δ bias stay float32, see `hf.cast_parameters`), as
+transformers' Jamba trains: half the memory and the optimizer's traffic, but an update smaller
+than half a weight's bf16 step (0.2-0.4% of the weight) rounds away. `cuda_graphs=True` compiles
+the model with torch.compile's mode="reduce-overhead": each step's kernels replay as CUDA graphs,
+without a launch each. With both and --fast: the fastest training on a GPU (bench/RESULTS.md).
 
 Schedule: linear warmup, then cosine decay to `min_lr_ratio * lr` at step T. With `max_steps` T is
 known; with only a time budget, T is estimated from the speed of the first steps and saved, so a
