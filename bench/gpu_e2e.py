@@ -508,7 +508,6 @@ def profile(run: Run, title: str, fn) -> None:
     with how much of the wall time the GPU was busy."""
     if run.device.type != "cuda" or not run.args.profile:
         return
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -524,16 +523,23 @@ def profile(run: Run, title: str, fn) -> None:
             text = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
         except Exception:  # noqa: BLE001 - older torch names it self_cuda_time_total
             text = events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
-        spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-                 and "#" not in e.name]  # kernels, memcpys and memsets; not the optimizer's annotation  # fmt: skip
-        kernels, head = kernel_summary(spans, wall * 1e6)
+        kernels, head = kernel_summary(kernel_spans(prof), wall * 1e6)
         head = f"== {title}: wall {wall * 1e3:.1f} ms (profiled), {head}"
         with open(run.profiles, "a") as f:
             f.write(f"{head}\n{text}\n{kernels}\n\n")
         print(head, flush=True)
     except Exception as e:  # noqa: BLE001 - a profile is a bonus, never a failure
         print(f"profile of {title} failed: {type(e).__name__}: {e}", flush=True)
+
+
+def kernel_spans(prof) -> list[tuple[float, float, str]]:
+    """(start, end, name) in us of what a torch.profiler run put on the device: kernels, memcpys and
+    memsets; not the annotations (the optimizer's, ProfilerStep) that span them."""
+    from torch.autograd import DeviceType
+
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and "#" not in e.name]  # fmt: skip
 
 
 def kernel_summary(spans: list[tuple[float, float, str]], wall_us: float, rows: int = 60) -> tuple[str, str]:

@@ -207,7 +207,6 @@ def profiled(on: bool, out: Path):
     if not on:
         yield None
         return
-    from torch.autograd import DeviceType
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -215,8 +214,7 @@ def profiled(on: bool, out: Path):
 
     def ready(prof):
         try:
-            spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type == DeviceType.CUDA and "#" not in e.name]  # fmt: skip
+            spans = gpu_e2e.kernel_spans(prof)
             wall_us = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)  # first kernel to last
             kernels, head = gpu_e2e.kernel_summary(spans, wall_us)
         except Exception as e:  # noqa: BLE001 - a profile is a bonus; the run goes on
