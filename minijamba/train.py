@@ -360,13 +360,13 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
     bar = tqdm(total=state["planned_steps"], initial=state["step"], unit="step", disable=not main,
                dynamic_ncols=True, mininterval=0.5, file=sys.stderr)  # fmt: skip
-    status, ema, pending = "done", [], None
+    status, ema, pending = "done", None, None
 
     def settle():
         """Check and record the pending step's loss and gradient norm (waiting for them if need be).
         Read a step late, they leave the device busy: a non-finite one still stops the run before
         anything is evaluated or written, and the last good checkpoint stays."""
-        nonlocal pending
+        nonlocal pending, ema
         if pending is None:
             return
         (done, lr_done, values), pending = pending, None
@@ -380,7 +380,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                                 f"training stopped and {kept}; try a lower --lr")  # fmt: skip
         hist = state["history"]
         hist["step"].append(done), hist["loss"].append(loss_value), hist["lr"].append(lr_done)
-        ema[:] = [loss_value if not ema else 0.9 * ema[0] + 0.1 * loss_value]
+        ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
 
     with StopFlag() as stop:
         model.train()
@@ -451,7 +451,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
 
             tok_s = train_tokens / train_time if train_time else 0.0
             left = time_left(state, step, train_time, train_tokens, tokens_per_step, budget_end)
-            shown = f"loss {ema[0]:.3f}, " if ema else ""
+            shown = f"loss {ema:.3f}, " if ema is not None else ""
             bar.set_postfix_str(f"{shown}{tok_s:,.0f} tok/s, {left} left", refresh=False)
             bar.update(1)
 
