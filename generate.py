@@ -12,8 +12,12 @@ of the inference state, split into the attention layers' KV cache and the Mamba 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+
+SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes (minijamba.checks.SEED_MAX)
+MAX_SAMPLES = 10**6  # --num-samples: beyond this a run is a mistake (it would print for years)
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,20 +109,35 @@ def build_parser() -> Parser:
 def _check_args(p: Parser, a: argparse.Namespace) -> None:
     if a.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if a.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):  # NaN fails both
+        p.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {a.temperature}")
     if a.top_k is not None and a.top_k < 1:
         p.error(f"--top-k must be >= 1, got {a.top_k}")
     if not 0 < a.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {a.top_p}")
-    if a.num_samples < 1:
-        p.error(f"--num-samples must be >= 1, got {a.num_samples}")
+    if not 0 <= a.seed <= SEED_MAX:
+        p.error(f"--seed must be an integer from 0 to 2**64 - 1 = {SEED_MAX}, got {a.seed}")
+    if not 1 <= a.num_samples <= MAX_SAMPLES:
+        p.error(f"--num-samples must be from 1 to {MAX_SAMPLES:,}, got {a.num_samples}")
     if a.prefill_chunk is not None and a.prefill_chunk < 1:
         p.error(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
 
 
 def load(args, device, backend):
-    """(model, tokenizer) from --out-dir or --hf, on `device`, fp32 on the CPU and bf16 on a GPU."""
+    """(model, tokenizer) from --out-dir or --hf, on `device`, fp32 on the CPU and bf16 on a GPU.
+    Any problem with the folder is one ValueError that starts with the flag that named it."""
+    from pathlib import Path
+
+    flag, folder = ("--hf", args.hf) if args.hf is not None else ("--out-dir", args.out_dir or "out/tiny")
+    if Path(folder).is_file():
+        raise ValueError(f"{flag} {folder} is a file, not a folder: give the checkpoint folder")
+    try:
+        return _load(args, Path(folder), device, backend)
+    except (ValueError, OSError) as e:  # incl. CheckpointError, FileNotFoundError
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def _load(args, folder, device, backend):
     import torch
 
     from minijamba import checkpoint
@@ -129,24 +148,18 @@ def load(args, device, backend):
     if args.hf is None:
         from minijamba.quant import quantize_model_
 
-        model, tok = checkpoint.load_model(
-            args.out_dir or "out/tiny", device=device, dtype=dtype, scan_backend=backend
-        )
-        return quantize_model_(model, quantize), tok
-    from pathlib import Path
-
+        model, tok = checkpoint.load_model(folder, device=device, dtype=dtype, scan_backend=backend)
+        return quantize_model_(model, quantize), tok  # NaN or inf weights were refused as they loaded
     from safetensors import SafetensorError
 
     from minijamba import load_hf
     from minijamba.mamba import MambaMixer
 
-    tok = tk.load(Path(args.hf) / "tokenizer.json")
     try:
-        model = load_hf(args.hf, device=device, dtype=dtype, quantize=quantize)  # int8 as it loads
+        model = load_hf(folder, device=device, dtype=dtype, quantize=quantize)  # int8 as it loads
     except SafetensorError as e:
-        raise ValueError(
-            f"a weight file in {args.hf} is not valid safetensors ({e}): it is corrupt"
-        ) from None
+        raise ValueError(f"a weight file in {folder} is not valid safetensors ({e}): it is corrupt") from None
+    tok = tk.load(folder / "tokenizer.json")
     model.config.scan_backend = backend
     for m in model.modules():
         if isinstance(m, MambaMixer):
@@ -155,11 +168,41 @@ def load(args, device, backend):
 
 
 def read_prompt(args) -> str:
+    """The prompt from --prompt or stdin, checked to be UTF-8 text (a tokenizer takes nothing else)."""
     if args.prompt is not None:
+        try:  # bytes that are not UTF-8 arrive from the command line as lone surrogates
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"--prompt is not valid UTF-8 text (byte {_bad_byte(args.prompt[e.start])} at character "
+                f"{e.start}): give UTF-8 text"
+            ) from None
         return args.prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
-    return sys.stdin.read()
+    stream = getattr(sys.stdin, "buffer", None)
+    try:
+        if stream is not None:  # the bytes, decoded strictly: not the locale's encoding or its escapes
+            return stream.read().decode("utf-8")
+        text = sys.stdin.read()
+        text.encode("utf-8")
+        return text
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"the prompt on stdin is not valid UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start}): pipe UTF-8 text, or pass --prompt TEXT"
+        ) from None
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"the prompt on stdin is not valid UTF-8 text (at character {e.start}): pipe UTF-8 text, "
+            "or pass --prompt TEXT"
+        ) from None
+
+
+def _bad_byte(ch: str) -> str:
+    """The byte a surrogate-escaped character stands for (U+DC80..U+DCFF), else the code point."""
+    code = ord(ch)
+    return f"0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
 
 
 def _kib(n: int) -> str:
@@ -175,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     from minijamba import tokenizer as tk
     from minijamba.checkpoint import CheckpointError
     from minijamba.generation import generate_stream
-    from minijamba.memory_plan import available_bytes, check, plan
+    from minijamba.memory_plan import DoesNotFit, available_bytes, check, plan
     from minijamba.runtime import resolve_device, scan_backend_for
     from minijamba.state import plan_nbytes
 
@@ -198,7 +241,13 @@ def main(argv: list[str] | None = None) -> int:
                       new_tokens=args.max_new_tokens)  # fmt: skip
         print(memory, file=sys.stderr)
         held = torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.weights_total
-        check(memory, available_bytes(device) + held)  # the weights are loaded already
+        try:
+            check(memory, available_bytes(device) + held)  # the weights are loaded already
+        except DoesNotFit as e:
+            room = e.largest_context - len(ids)
+            hint = (f"--max-new-tokens {room:,} at most with this prompt of {len(ids):,} tokens" if room >= 1 else
+                    f"not even --max-new-tokens 1 with this prompt of {len(ids):,} tokens")  # fmt: skip
+            raise ValueError(f"{e} ({hint})") from None
     except (ValueError, OSError, CheckpointError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1

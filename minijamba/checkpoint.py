@@ -12,11 +12,13 @@
 
 Only safetensors and JSON: nothing is ever unpickled, so a checkpoint from anywhere is safe to open.
 
-Atomic writes: the new checkpoint is written to a temporary sibling folder, then swapped in with
-two renames (old -> backup, new -> final) and the backup deleted. A crash at any moment leaves
-either the old checkpoint or the new one in place (or, between the two renames, the old one as
-the backup, which `load` and `save` put back). A folder that holds anything other than a
-checkpoint is never replaced.
+Atomic writes (minijamba.atomic, shared with hf.save_hf): the new checkpoint is written to a
+temporary sibling folder, then swapped in with two renames (old -> backup, new -> final) and the
+backup deleted. A crash at any moment leaves either the old checkpoint or the new one in place (or,
+between the two renames, the old one as the backup, which `load` and `save` put back; they also
+delete the temporary folders of saves that died). Files in the folder that are not the checkpoint's
+own (notes.txt, samples/) are carried into the new one; a folder that holds only other files is
+never written into. Weights that are NaN or infinite are never written.
 
 Optimizer state is keyed by parameter name, not by position, in the same layout as PyTorch's
 `torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`: a full (unsharded) state
@@ -28,13 +30,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
+import os  # noqa: F401  (the module minijamba.atomic renames with; tests patch checkpoint.os.replace)
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from minijamba import atomic
 from minijamba import tokenizer as tk
 from minijamba.config import JambaConfig
 
@@ -47,6 +50,8 @@ CONFIG, TRAIN_CONFIG, TOKENIZER, MANIFEST = (
 )
 FOR_SAMPLING = (MODEL, CONFIG, TOKENIZER)
 FOR_RESUMING = FOR_SAMPLING + (OPTIMIZER, STATE, TRAIN_CONFIG)
+PLOT = "loss.png"
+OWNED = frozenset(FOR_RESUMING + (MANIFEST, PLOT))  # what a save writes; anything else is the user's
 FORMAT = "minijamba-checkpoint-v1"
 
 
@@ -66,6 +71,7 @@ def model_state(model) -> dict[str, torch.Tensor]:
 def load_model_state(model, tensors: dict[str, torch.Tensor], source: str = MODEL) -> None:
     """Copy `tensors` into `model` (or assign them, if the model is on the meta device), checking
     that names and shapes match exactly."""
+    _check_float(tensors, source)
     expected = model_state_shapes(model)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -155,32 +161,57 @@ def set_rng_state(state: dict) -> None:
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _siblings(out_dir: Path, kind: str) -> list[Path]:
-    return sorted(out_dir.parent.glob(f".{out_dir.name}.{kind}-*"))
-
-
-def _recover(out_dir: Path) -> None:
-    """If a save was interrupted between its two renames, put the previous checkpoint back."""
-    if not out_dir.exists():
-        backups = _siblings(out_dir, "old")
-        if backups:
-            os.replace(backups[-1], out_dir)
-
-
 def is_checkpoint(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path / STATE).is_file()
 
 
-def check_writable(out_dir: str | Path) -> None:
-    """Raise unless `out_dir` is absent, empty, or a checkpoint folder (the only kind we replace)."""
-    out_dir = Path(out_dir)
-    _recover(out_dir)
+def _check_target(out_dir: Path) -> None:
+    atomic.recover(out_dir)  # a save interrupted between its two renames: put the old one back
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_checkpoint(out_dir):
         raise FileExistsError(
             f"--out-dir {out_dir} holds files that are not a minijamba checkpoint: choose another --out-dir"
         )
+
+
+def _not_writable(out_dir: Path, e: OSError, where: Path | None = None) -> ValueError:
+    above = out_dir.parent  # the nearest folder above that exists, or the file in the way
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if above.exists() and not above.is_dir():
+        why = f"{above} is a file, not a folder"
+    elif where is not None:  # the parent exists but takes no new folder
+        why = f"a folder cannot be created in {where}: {e.strerror or e}"
+    else:
+        why = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return ValueError(f"--out-dir {out_dir} cannot be written ({why}): choose another --out-dir")
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Raise unless a checkpoint can be saved to `out_dir`: it is absent, empty, or a checkpoint
+    folder (the only kind we replace), and its parent folder takes the temporary sibling a save
+    writes into (tried, then removed). Creates missing parent folders, never `out_dir` itself."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _not_writable(out_dir, e) from None
+    _check_target(out_dir)
+    try:
+        atomic.probe(out_dir)
+    except OSError as e:
+        raise _not_writable(out_dir, e, out_dir.parent) from None
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None (checked
+    2^20 elements at a time: isfinite's temporaries stay a few MB, whatever the tensor's size)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.device.type != "meta":
+            if not all(bool(torch.isfinite(part).all()) for part in t.detach().reshape(-1).split(2**20)):
+                return name
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -207,16 +238,24 @@ def save(
     train_state: dict,
     plot=None,
 ) -> None:
-    """Write a complete checkpoint to `out_dir` atomically. `plot(path)`, if given, draws loss.png."""
+    """Write a complete checkpoint to `out_dir` atomically. `plot(path)`, if given, draws loss.png.
+
+    Refuses (ValueError, nothing written) model tensors that hold NaN or infinite values. Entries of
+    `out_dir` that are not the checkpoint's own files are kept."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    bad = first_non_finite(model_tensors)
+    if bad is not None:
+        raise ValueError(
+            f"model tensor {bad} holds NaN or infinite values: not writing a checkpoint of broken weights "
+            f"to {out_dir} (the one there, if any, is kept)"
+        )
     check_writable(out_dir)
-    for stale in _siblings(out_dir, "tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    try:
+        tmp = atomic.temp_folder(out_dir)
+    except OSError as e:
+        raise _not_writable(out_dir, e, out_dir.parent) from None
     try:
         save_file(model_tensors, str(tmp / MODEL), metadata={"format": "pt"})
         save_file(
@@ -227,22 +266,15 @@ def save(
         _write_json(tmp / STATE, train_state)
         tokenizer.save(str(tmp / TOKENIZER))
         if plot is not None:
-            plot(tmp / "loss.png")
+            plot(tmp / PLOT)
         files = {
             n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in (MODEL, OPTIMIZER)
         }
         _write_json(tmp / MANIFEST, {"format": FORMAT, "files": files})
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        atomic.replace_folder(tmp, out_dir, keep=lambda name: name not in OWNED)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    backup = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, backup)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -285,6 +317,27 @@ def _read_safetensors(path: Path, manifest: dict | None) -> tuple[dict[str, torc
         raise CheckpointError(f"{path} is not a valid safetensors file ({e}): the file is corrupt") from None
 
 
+def _check_float(tensors: dict[str, torch.Tensor], source) -> None:
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(
+                f"{source}: {name} holds {str(t.dtype).removeprefix('torch.')} values, not floating point: "
+                "these are not the weights of a minijamba model"
+            )
+
+
+def _check_model_tensors(config: JambaConfig, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Before anything is built: weights are floating point, and config.json does not describe a
+    model far larger than model.safetensors holds (`hf.check_size`)."""
+    from minijamba.hf import check_size
+
+    _check_float(tensors, path / MODEL)
+    try:
+        check_size(config, {k: tuple(v.shape) for k, v in tensors.items()}, path / CONFIG, path / MODEL)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load(path: str | Path, training: bool = True) -> Checkpoint:
     """Read a checkpoint folder; `training=False` reads only what sampling needs.
 
@@ -292,7 +345,7 @@ def load(path: str | Path, training: bool = True) -> Checkpoint:
     each naming the file.
     """
     path = Path(path)
-    _recover(path)
+    atomic.recover(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}: the folder does not exist")
     needed = FOR_RESUMING if training else FOR_SAMPLING
@@ -306,6 +359,7 @@ def load(path: str | Path, training: bool = True) -> Checkpoint:
         raise CheckpointError(f"{path / CONFIG} does not describe a valid model: {e}") from None
     tokenizer = tk.load(path / TOKENIZER)
     tensors, _ = _read_safetensors(path / MODEL, manifest)
+    _check_model_tensors(config, tensors, path)
     ckpt = Checkpoint(path, config, tokenizer, tensors)
     if training:
         ckpt.train_config = _read_json(path / TRAIN_CONFIG)
@@ -336,4 +390,5 @@ def load_model(path: str | Path, device="cpu", dtype=None, scan_backend: str | N
             f"{Path(path) / TOKENIZER} has {ckpt.tokenizer.get_vocab_size()} tokens but the model only "
             f"{ckpt.config.vocab_size}: the tokenizer belongs to another model"
         )
+    model.check_finite(Path(path) / MODEL)  # NaN or inf weights: refused as they load, like a corrupt file
     return model.to(device=device, dtype=dtype).eval(), ckpt.tokenizer

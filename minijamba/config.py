@@ -24,6 +24,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from minijamba.checks import check_fields, field_types, type_problem
+
 LAYOUTS = ("hybrid", "attention", "mamba")
 
 
@@ -73,7 +75,11 @@ class JambaConfig:
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError naming the first field that makes no sense."""
+        """Raise ValueError naming the first field that makes no sense: first its type (by the
+        field's annotation: an int is an int and not a bool, a float is a finite int or float, a
+        bool is a bool, None only where the annotation allows it), then its range, then the fields
+        that must agree with each other."""
+        check_fields(self, lambda name: f"JambaConfig.{name}")
         positive = [
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "attn_layer_period",
@@ -113,6 +119,8 @@ class JambaConfig:
                 f"JambaConfig.expert_layer_offset ({self.expert_layer_offset}) must be smaller than "
                 f"expert_layer_period ({self.expert_layer_period})"
             )
+        if self.initializer_range < 0:
+            raise ValueError(f"JambaConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"JambaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if self.router_aux_loss_coef < 0:
@@ -132,22 +140,51 @@ class JambaConfig:
         """D, the Mamba layer's inner width (transformers calls it intermediate_size of the mixer)."""
         return self.mamba_expand * self.hidden_size
 
+    def num_parameters(self) -> int:
+        """The parameters `Jamba(self)` has (a tied LM head counted once), equal to its
+        `num_parameters()`, by arithmetic on the sizes: nothing is built, so the size of a config of
+        a million layers or a width of 10^9 is known at once (and can be refused before building)."""
+        h, V, f, L = self.hidden_size, self.vocab_size, self.intermediate_size, self.num_hidden_layers
+        q, g, e = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        d, n, r, k = self.mamba_inner_size, self.mamba_d_state, self.mamba_dt_rank, self.mamba_d_conv
+        attention_layers = count_layers(L, self.attn_layer_period, self.attn_layer_offset)
+        moe_layers = count_layers(L, self.expert_layer_period, self.expert_layer_offset)
+        moe_layers = moe_layers if self.num_experts > 1 else 0
+        attention = 2 * h * q * e + 2 * h * g * e  # q_proj and o_proj; k_proj and v_proj
+        mamba = (
+            2 * d * h + (2 * d if self.mamba_proj_bias else 0)  # in_proj
+            + d * k + (d if self.mamba_conv_bias else 0)  # the depthwise conv1d
+            + d * (r + 2 * n) + r * d + d  # x_proj; dt_proj with its bias
+            + d * n + d  # A_log, D
+            + h * d + (h if self.mamba_proj_bias else 0)  # out_proj
+            + r + 2 * n  # the RMSNorms of Δ, B and C
+        )  # fmt: skip
+        moe = self.num_experts * h + 3 * self.num_experts * f * h  # router; experts' gate, up and down
+        return (
+            V * h * (1 if self.tie_word_embeddings else 2) + h  # embedding, LM head, final norm
+            + L * 2 * h  # each layer's two RMSNorms
+            + attention_layers * attention + (L - attention_layers) * mamba
+            + moe_layers * moe + (L - moe_layers) * 3 * h * f  # MoE or dense SwiGLU MLP
+        )  # fmt: skip
+
     # --- the layout ----------------------------------------------------------------------------
+    def layer_type(self, i: int) -> str:
+        """'attention' or 'mamba': the mixer of layer i."""
+        return "attention" if i % self.attn_layer_period == self.attn_layer_offset else "mamba"
+
+    def is_moe_layer(self, i: int) -> bool:
+        """True where layer i has an MoE MLP (n > 1 experts), False where it has a dense MLP."""
+        return self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
+
     @property
     def layer_types(self) -> list[str]:
         """'attention' or 'mamba' for each layer, transformers' `layers_block_type`."""
-        return [
-            "attention" if i % self.attn_layer_period == self.attn_layer_offset else "mamba"
-            for i in range(self.num_hidden_layers)
-        ]
+        return [self.layer_type(i) for i in range(self.num_hidden_layers)]
 
     @property
     def moe_layers(self) -> list[bool]:
         """True where layer i has an MoE MLP (n > 1 experts), False where it has a dense MLP."""
-        return [
-            self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
-            for i in range(self.num_hidden_layers)
-        ]
+        return [self.is_moe_layer(i) for i in range(self.num_hidden_layers)]
 
     @property
     def attn_to_mamba(self) -> tuple[int, int]:
@@ -208,6 +245,24 @@ class JambaConfig:
         d.update(model_type="jamba", architectures=["JambaForCausalLM"], hidden_act="silu")
         d.update(attention_dropout=0.0, use_cache=True, use_mamba_kernels=True, output_router_logits=False)
         return d
+
+
+def count_layers(layers: int, period: int, offset: int) -> int:
+    """Layers i < `layers` with i % period == offset."""
+    return 0 if offset >= layers else (layers - 1 - offset) // period + 1
+
+
+def check_field(name: str, value) -> None:
+    """Raise ValueError unless `value` has the type JambaConfig's annotation of `name` gives it.
+
+    int: an int, not a bool; float: an int or float, finite; bool: a bool; str: a str; None only
+    where the annotation allows it. (Ranges are checked by `JambaConfig.validate`.)"""
+    hints = field_types(JambaConfig)
+    if name not in hints:
+        raise ValueError(f"unknown model setting {name!r}: JambaConfig has no such field")
+    want = type_problem(value, hints[name])
+    if want is not None:
+        raise ValueError(f"JambaConfig.{name} must be {want}, got {value!r}")
 
 
 PRESETS: dict[str, dict] = {

@@ -43,6 +43,7 @@ from minijamba import tokenizer as tk
 
 STDLIB_MAX_BYTES = 4 * 2**20  # the default corpus: stdlib modules in name order up to 4 MiB
 VAL_FRACTION = 0.1
+MAX_MQAR_SYMBOLS = 10**6  # MQAR keys, values (so pairs, queries too): the vocabulary is 2 + keys + values
 IGNORE = -100  # target id that the loss skips
 
 
@@ -207,6 +208,11 @@ class TextTask:
         w = torch.stack(out)  # (b, l + 1)
         return w[:, :-1], w[:, 1:]
 
+    def val_nbytes(self, batch_size: int, max_batches: int) -> int:
+        """Bytes `val_batches` holds: its windows, int64 (at most the validation split's tokens)."""
+        l = min(self.seq_len, len(self.val_ids) - 1)
+        return 8 * (l + 1) * min((len(self.val_ids) - 1) // l, batch_size * max_batches)
+
     def val_batches(self, batch_size: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Consecutive windows of the validation split from its start, at most max_batches batches."""
         l = min(self.seq_len, len(self.val_ids) - 1)
@@ -226,20 +232,29 @@ class MQARSpec:
     values: int = 32
 
     def validate(self) -> None:
+        for name in ("pairs", "queries", "keys", "values"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"--mqar-{name} must be an integer, got {value!r}")
+            if value > MAX_MQAR_SYMBOLS:
+                raise ValueError(f"--mqar-{name} must be at most {MAX_MQAR_SYMBOLS:,}, got {value:,}")
         if self.pairs < 1 or self.queries < 1:
             raise ValueError(
-                f"MQAR needs at least one pair and one query, got {self.pairs} and {self.queries}"
+                f"MQAR needs at least one pair and one query (--mqar-pairs, --mqar-queries), got "
+                f"{self.pairs} and {self.queries}"
             )
         if self.queries > self.pairs:
             raise ValueError(
-                f"MQAR asks each key at most once: queries ({self.queries}) must be <= pairs ({self.pairs})"
+                f"MQAR asks each key at most once: queries (--mqar-queries {self.queries}) must be <= pairs "
+                f"(--mqar-pairs {self.pairs})"
             )
         if self.keys < self.pairs:
             raise ValueError(
-                f"MQAR keys are distinct within a sequence: keys ({self.keys}) must be >= pairs ({self.pairs})"
+                f"MQAR keys are distinct within a sequence: keys (--mqar-keys {self.keys}) must be >= pairs "
+                f"(--mqar-pairs {self.pairs})"
             )
         if self.values < 2:
-            raise ValueError(f"MQAR needs at least 2 values, got {self.values}")
+            raise ValueError(f"MQAR needs at least 2 values (--mqar-values), got {self.values}")
 
     @property
     def length(self) -> int:
@@ -304,6 +319,13 @@ class MQARTask:
             for i in range(step * batch_size, (step + 1) * batch_size)[rows]
         ]
         return torch.cat([x for x, _ in out]), torch.cat([y for _, y in out])
+
+    def val_nbytes(self, batch_size: int, max_batches: int) -> int:
+        """Bytes `val_batches` needs while it draws its n = batch_size * max_batches sequences (an
+        estimate): the (n, K) float32 draws and their int64 argsort, then inputs, targets and the
+        answer mask, (n, 2P + 2Q) each."""
+        n, s = batch_size * max_batches, self.spec
+        return n * (20 * s.keys + 17 * s.length)
 
     def val_batches(self, batch_size: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A fixed validation set, drawn from a stream the training batches never use."""

@@ -21,26 +21,59 @@ from typing import Iterator
 
 import torch
 
+from minijamba.checks import finite_number
 from minijamba.state import InferenceState
+
+
+TINY_TEMPERATURE = torch.finfo(torch.float32).tiny  # below it sampling is greedy (see `sample`)
 
 
 def check_sampling(temperature=0.0, top_k=None, top_p=None) -> None:
     """Raise ValueError for a bad temperature, top_k or top_p, whatever the temperature (a bad top_k
-    is a mistake even where greedy decoding does not use it)."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    is a mistake even where greedy decoding does not use it). NaN and infinities are bad values."""
+    rule = "a finite number >= 0 (0 = greedy)"
+    if _number(temperature, "temperature", rule) < 0:
+        raise ValueError(f"temperature must be {rule}, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < _number(top_p, "top_p", "in (0, 1] or None") <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _number(value, name: str, rule: str) -> float:
+    try:
+        return finite_number(value, name)
+    except ValueError:
+        raise ValueError(f"{name} must be {rule}, got {value!r}") from None
+
+
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """Raise ValueError unless `input_ids` is a (b, l) tensor of integer ids in [0, vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        is_tensor = isinstance(input_ids, torch.Tensor)
+        what = f"shape {tuple(input_ids.shape)}" if is_tensor else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {what}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}")
+    if input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside the model's vocabulary: ids must be in "
+                f"[0, {vocab_size - 1}] (vocab_size {vocab_size})"
+            )
 
 
 def sample(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """Pick one token per row of logits (b, V) -> (b,). Greedy at temperature 0."""
     check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
+    if temperature < TINY_TEMPERATURE:  # 0, or so close that float32 would divide by zero
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted so that the largest is 0 (softmax is the same): a tiny temperature then gives -inf,
+    # not inf - inf = NaN, to all but the largest.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -84,11 +117,12 @@ def generate_stream(
     when the model is on a GPU (there it must be bfloat16), the same step run eagerly elsewhere;
     the same tokens up to rounding. compile_step: also torch.compile that step (True, or the options
     for torch.compile) before it is captured: slow once, then fewer kernels per token."""
+    check_input_ids(input_ids, model.config.vocab_size)
     b, l = input_ids.shape
     if l == 0:
         raise ValueError("the prompt is empty: generation needs at least one token to start from")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:

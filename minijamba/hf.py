@@ -23,9 +23,11 @@ Tensor names are transformers' `JambaForCausalLM` state dict keys: ours with a `
 
 Loading is built for models larger than host memory (the 52B Jamba-v0.1 onto a GPU):
 
-    1. plan     read only the shard headers (names, shapes, dtypes); map every tensor to the
-                parameter, and the slice of it, that it fills; report every missing, unexpected or
-                misshapen tensor before a single weight is read
+    1. plan     read only the shard headers (names, shapes, dtypes); refuse tensors that are not
+                floating point, and a config.json that describes a model far larger than the
+                headers hold (`check_size`: its size is planned by arithmetic, nothing is built);
+                map every tensor to the parameter, and the slice of it, that it fills; report every
+                missing, unexpected or misshapen tensor before a single weight is read
     2. build    `Jamba(config)` on the meta device: no memory, no initialisation
     3. fill     shard by shard (one open at a time, one tensor in host memory at a time), copy each
                 tensor into its parameter, allocated on `device` in `dtype` when first needed; a fused
@@ -41,21 +43,23 @@ A_log, D and dt_proj.bias stay in float32 whatever `dtype` is: the scan reads th
 channel's decay rate and step size. They are a tiny fraction of the parameters.
 
 Only safetensors are read: never torch.load or pickle, which can run code from an untrusted file.
+And only files inside the folder: an index entry that is absolute or climbs out with `..`, or a
+file that is a symbolic link to somewhere outside, is refused. (One exception, so that a Hugging Face
+hub cache snapshot loads as it is: a file in `<repo>/snapshots/<revision>/` may link into `<repo>/blobs/`.)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch import nn
 
+from minijamba import atomic
 from minijamba.config import JambaConfig
 from minijamba.model import Jamba
 
@@ -155,26 +159,104 @@ def _missing_keys(name: str, shape: tuple, have: frozenset) -> list[str]:
     return [_file_key(f"{prefix}.{j}.{p}.weight") for j, p in sorted(missing)]
 
 
+def _inside(path: Path, folder: Path) -> Path:
+    """`path`, after checking that it (following symbolic links) lies inside `folder`."""
+    real, root = path.resolve(), folder.resolve()
+    if real == root or root in real.parents:
+        return path
+    if root.parent.name == "snapshots" and root.parent.parent / "blobs" in real.parents:
+        return path  # a Hugging Face hub cache snapshot: its files link to ../../blobs/<hash>
+    raise ValueError(
+        f"{path} is a link to {real}, outside the checkpoint folder {folder}: only files inside it are read"
+    )
+
+
 def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder: the shards named by the index, or the one file."""
+    """The safetensors files of a checkpoint folder: the shards named by the index, or the one file.
+    Every one must lie inside the folder (see the module docstring)."""
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        _inside(index, folder)
+        try:
+            obj = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index} is not valid JSON ({e}): the file is corrupt") from None
+        weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map': it is not a safetensors index")
+        for key, value in weight_map.items():
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(
+                    f"{index}: weight_map entry {key!r} is {value!r}, not a file name: the index is corrupt"
+                )
+            name = PurePosixPath(value)
+            if name.is_absolute() or ".." in name.parts or "\\" in value:
+                raise ValueError(
+                    f"{index}: weight_map entry {key!r} names {value!r}, outside the checkpoint folder: "
+                    "shards must be files inside it (a relative name without '..')"
+                )
         files = [folder / f for f in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(
                     f"{f} is listed in {index} but does not exist: the download is incomplete"
                 )
+            _inside(f, folder)
         return files
     if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
+        return [_inside(folder / WEIGHTS_NAME, folder)]
     raise FileNotFoundError(
         f"no weights in {folder}: expected {WEIGHTS_NAME}, or {INDEX_NAME} with its shards "
         "(only safetensors are read; convert .bin checkpoints with transformers first)"
     )
+
+
+def _read_config(folder: Path) -> JambaConfig:
+    path = _inside(folder / CONFIG_NAME, folder)
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is corrupt") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} should hold a JSON object: it is not a config.json")
+    try:
+        return JambaConfig.from_hf(hf)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} does not describe a valid Jamba: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# the size a config describes, planned before anything is built
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_size(config: JambaConfig, shapes: dict[str, tuple], config_path, weights) -> None:
+    """Raise ValueError, before anything is built, when `config` describes a model far larger than
+    the tensors `shapes` (name -> shape, from the file headers) hold: more than twice their
+    parameters (plus 2^20), or more than twice their layers (plus 16). Building such a model only
+    to list what is missing could take hours or overflow; a smaller disagreement goes on to the
+    detailed listing of missing, unexpected and misshapen tensors."""
+    planned, layers = config.num_parameters(), config.num_hidden_layers  # arithmetic: nothing is built
+    held = sum(
+        _numel(shape) for key, shape in shapes.items()
+        if not (config.tie_word_embeddings and key == "lm_head.weight")
+    )  # fmt: skip
+    held_layers = 1 + max((int(m.group(1)) for m in map(_LAYER.search, shapes) if m), default=-1)
+    if planned == held:
+        return
+    if planned > 2 * held + 2**20 or layers > 2 * held_layers + 16:
+        raise ValueError(
+            f"{config_path} describes a model of {layers:,} layers and {planned:,} parameters, but the "
+            f"weights ({weights}) hold {held_layers:,} layers and {held:,} parameters: the config.json does "
+            "not belong to these weights (nothing was built)"
+        )
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
 
 
 def _check_quantize(quantize) -> None:
@@ -209,8 +291,10 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     With `tie_word_embeddings` the LM head is the embedding, and an `lm_head.weight` in the files
     is ignored, as transformers does.
 
-    Raises FileNotFoundError for a missing folder, config.json or weight file, and ValueError listing
-    the missing, unexpected or misshapen tensors. Returns the model in eval mode.
+    Raises FileNotFoundError for a missing folder, config.json or weight file, and ValueError for a
+    file outside the folder (an index entry or a link), a corrupt config.json or index, tensors that
+    are not floating point, a config far larger than the weights (all before anything is built), and
+    listing the missing, unexpected or misshapen tensors. Returns the model in eval mode.
     """
     from safetensors import safe_open
 
@@ -219,16 +303,32 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
         raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     folder = Path(path)
     device = torch.device(device)
+    atomic.recover(folder)  # a save_hf interrupted between its two renames: put the old folder back
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder)")
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"{folder / CONFIG_NAME} does not exist: a checkpoint folder needs its config.json"
         )
-    config = JambaConfig.from_hf(json.loads((folder / CONFIG_NAME).read_text()))
+    config = _read_config(folder)
     files = _weight_files(folder)
 
-    # 1. plan: headers only.
+    # 1. plan: headers only; the model's size from the config by arithmetic, before it is built.
+    headers: dict[Path, list[tuple[str, tuple, str]]] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            headers[file] = []
+            for key in f.keys():  # noqa: SIM118
+                info = f.get_slice(key)
+                headers[file].append((key, tuple(info.get_shape()), info.get_dtype()))
+    not_float = [f"{key} ({dt})" for file in files for key, _, dt in headers[file] if dt not in _DTYPES]
+    if not_float:
+        raise ValueError(
+            f"the tensors in {folder} must be floating point ({', '.join(_DTYPES)}), and {len(not_float)} "
+            f"are not: {_listing(not_float)}; these are not the weights of a Jamba"
+        )
+    check_size(config, {key: shape for file in files for key, shape, _ in headers[file]},
+               folder / CONFIG_NAME, ", ".join(f.name for f in files))  # fmt: skip
     with torch.device("meta"):
         model = Jamba(config)  # 2. build: no memory, no initialisation
     int8 = {}  # experts module name -> Int8Experts on `device`, filled as the tensors arrive
@@ -247,24 +347,22 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     unexpected, misshapen, twice = [], [], []
     stored_dtype = None
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                piece = _piece(key, shapes)
-                if piece is None:
-                    if not (key == "lm_head.weight" and config.tie_word_embeddings):  # tied: the embedding
-                        unexpected.append(key)
-                    continue
-                info = f.get_slice(key)
-                if have[piece.name] & piece.parts:
-                    twice.append(key)
-                    continue
-                have[piece.name] |= piece.parts  # found (so not also listed as missing)
-                if tuple(info.get_shape()) != piece.shape:
-                    misshapen.append(f"{key} {tuple(info.get_shape())} (expected {piece.shape})")
-                else:
-                    plan[file].append(piece)
-                    if piece.name == "embed_tokens.weight" or stored_dtype is None:
-                        stored_dtype = _DTYPES.get(info.get_dtype(), stored_dtype)
+        for key, shape, dt in headers[file]:
+            piece = _piece(key, shapes)
+            if piece is None:
+                if not (key == "lm_head.weight" and config.tie_word_embeddings):  # tied: the embedding
+                    unexpected.append(key)
+                continue
+            if have[piece.name] & piece.parts:
+                twice.append(key)
+                continue
+            have[piece.name] |= piece.parts  # found (so not also listed as missing)
+            if shape != piece.shape:
+                misshapen.append(f"{key} {shape} (expected {piece.shape})")
+            else:
+                plan[file].append(piece)
+                if piece.name == "embed_tokens.weight" or stored_dtype is None:
+                    stored_dtype = _DTYPES.get(dt, stored_dtype)
     missing = [k for name in shapes if have[name] != _parts(name, shapes[name])
                for k in _missing_keys(name, shapes[name], have[name])]  # fmt: skip
     problems = []
@@ -299,6 +397,7 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
                     _finish_parameter(model, piece.name, filling.pop(piece.name), quantize)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    model.check_finite(folder)  # NaN or inf weights: refused as they load, like a corrupt file
     return model.eval()
 
 
@@ -358,8 +457,10 @@ def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:
 
     config.json (`config.to_hf()`) and safetensors in the per-expert layout: `model.safetensors`, or
     when larger than max_shard_size (bytes, or a string like '5GB') numbered shards with
-    `model.safetensors.index.json`. Atomic: everything is written to a temporary folder next to
-    `path`, which then replaces it; other files already in `path` (a tokenizer, ...) are kept.
+    `model.safetensors.index.json`. Atomic (minijamba.atomic, as training checkpoints): everything is
+    written to a temporary folder next to `path`, which then replaces it; other files already in
+    `path` (a tokenizer, ...) are kept, and so are the folder's permissions. A `path` whose
+    config.json is not a Jamba's (another model's folder) is refused, not overwritten.
     Returns the folder.
     """
     from safetensors.torch import save_file
@@ -368,8 +469,10 @@ def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("the model is on the meta device: it has no weights to save")
     folder = Path(path)
+    atomic.recover(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder: save_hf writes a checkpoint folder")
+    _check_not_another_model(folder)
 
     tensors = _hf_tensors(model)
     shards: list[list] = [[]]
@@ -386,7 +489,7 @@ def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:
     ]  # fmt: skip
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = atomic.temp_folder(folder)
     try:
         with torch.no_grad():
             for shard, file in zip(shards, names):
@@ -402,28 +505,29 @@ def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:
         hf = model.config.to_hf()
         hf["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
         (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        _replace_folder(tmp, folder)
+        atomic.replace_folder(tmp, folder, keep=lambda name: not _OURS.match(name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
-def _replace_folder(new: Path, folder: Path) -> None:
-    """Put `new` where `folder` is, keeping the files of the old folder that are not weights or config."""
-    if not folder.exists():
-        os.replace(new, folder)
+# The files save_hf writes, which replace those of the folder; everything else in it is kept.
+_OURS = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json)$")
+
+
+def _check_not_another_model(folder: Path) -> None:
+    """Refuse to overwrite a config.json that is not a Jamba's: the folder holds another model."""
+    path = folder / CONFIG_NAME
+    if not (path.exists() or path.is_symlink()):
         return
-    ours = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json)$")
-    for entry in folder.iterdir():
-        if not ours.match(entry.name):
-            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, new / entry.name)
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-    os.replace(folder, old / "x")  # move the old folder aside, then the new one in
     try:
-        os.replace(new, folder)
-    except BaseException:
-        os.replace(old / "x", folder)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        hf = None
+    if not isinstance(hf, dict) or hf.get("model_type") != "jamba":
+        what = f"model_type {hf.get('model_type')!r}" if isinstance(hf, dict) else "not a model's config"
+        raise ValueError(
+            f"{path} is not a Jamba's config.json ({what}): save_hf would overwrite another model's "
+            "folder; save to another folder, or remove it first"
+        )

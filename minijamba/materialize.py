@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from minijamba.checks import check_seed
 from minijamba.config import JambaConfig
 from minijamba.hf import cast_parameters
 from minijamba.model import Jamba
@@ -110,6 +111,7 @@ def build(
     experts, see minijamba.quant). seed: weights are a function of (seed, piece, device type)."""
     if isinstance(config, str):
         config = JambaConfig.from_preset(config)
+    check_seed(seed)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: JambaConfig, index: int):
         super().__init__()
-        self.kind = config.layer_types[index]
+        self.kind = config.layer_type(index)  # (not layer_types[index]: a list per layer is O(L^2) in all)
         self.index = index
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if self.kind == "attention":
@@ -48,7 +48,7 @@ class DecoderLayer(nn.Module):
         else:
             self.mamba = MambaMixer(config)
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.feed_forward = SparseMoE(config) if config.moe_layers[index] else MLP(config)
+        self.feed_forward = SparseMoE(config) if config.is_moe_layer(index) else MLP(config)
 
     def forward(self, x, state: InferenceState | None = None, mask=None):
         """x (b, l, h) -> (b, l, h), and the MLP's auxiliary loss (0 for a dense MLP)."""
@@ -72,6 +72,7 @@ class Jamba(nn.Module):
 
     def __init__(self, config: JambaConfig):
         super().__init__()
+        config.validate()  # a config changed after it was made (a NaN epsilon, a str size) stops here
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -120,6 +121,13 @@ class Jamba(nn.Module):
                 per_expert = (ex.gate_up_proj.numel() + ex.down_proj.numel()) // n
                 total -= (n - self.config.num_experts_per_tok) * per_expert
         return total
+
+    def check_finite(self, source) -> None:
+        """Raise ValueError naming the first parameter or buffer that holds a NaN or an infinity
+        (`source`, the file or folder the weights came from, starts the message)."""
+        from minijamba.checks import check_finite
+
+        check_finite(self.state_dict(), source)
 
     def new_state(self, batch_size: int, capacity: int, dtype=None) -> InferenceState:
         """An empty inference state on this model's device, for `capacity` tokens per sequence."""

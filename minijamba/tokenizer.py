@@ -24,6 +24,9 @@ from pathlib import Path
 
 EOT = "<|endoftext|>"
 MIN_BPE_VOCAB = 257  # the 256 byte values and EOT
+# The trainer allocates tables in proportion to the size asked for (2^31 aborts the process with a
+# 141 GB allocation), whatever the text can give; 2^20 is 16 times Jamba's 65,536.
+MAX_BPE_VOCAB = 2**20
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
@@ -39,6 +42,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
             f"vocab size {vocab_size!r} is too small: a byte-level BPE needs at least "
             f"{MIN_BPE_VOCAB} tokens (256 bytes + end-of-text)"
         )
+    if vocab_size > MAX_BPE_VOCAB:
+        raise ValueError(f"vocab size {vocab_size:,} is too large: at most {MAX_BPE_VOCAB:,} tokens")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,12 +58,15 @@ import torch.nn.functional as F
 
 from minijamba import checkpoint, distributed
 from minijamba import tokenizer as tk
-from minijamba.config import LAYOUTS, PRESETS, JambaConfig
+from minijamba.backends import ENV_VAR
+from minijamba.checks import check_fields, check_seed
+from minijamba.config import LAYOUTS, PRESETS, JambaConfig, check_field
 from minijamba.data import IGNORE, MQARSpec, MQARTask, TextTask, bits_per_byte
 from minijamba.hf import cast_parameters
+from minijamba.memory_plan import check_training, training_plan
 from minijamba.model import Jamba
 from minijamba.plots import plot_history
-from minijamba.runtime import Readout, StopFlag, check_training_fits, dist_info, peak_memory, scan_backend_for
+from minijamba.runtime import Readout, StopFlag, dist_info, peak_memory, scan_backend_for, total_memory
 from minijamba.schedule import EVALS_PER_RUN, lr_at, plan_steps, time_left
 
 TASKS = ("text", "mqar")
@@ -73,6 +77,22 @@ WEIGHTS = ("fp32", "bf16")
 PLAN_AFTER = 10  # steps timed before estimating T from the time budget ...
 PLAN_SECONDS = 15.0  # ... and seconds (unless warmup ends first)
 DEFAULT_BATCH = {"text": 8, "mqar": 32}  # sequences per step; MQAR's are short and carry few targets
+
+
+MAX_LR = 1.0  # AdamW's step moves each weight by about lr: beyond 1 a run can only diverge
+FLAGS = {"overrides": "--override"}  # fields whose flag is not --<field-name>
+NO_FLAG = ("min_lr_ratio", "weight_decay", "betas", "grad_clip")  # TrainConfig fields without a flag
+
+
+def flag_of(field_name: str) -> str:
+    """The train_tiny.py flag that sets a TrainConfig field (its name, for those without one)."""
+    if field_name in NO_FLAG:
+        return f"TrainConfig.{field_name}"
+    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -114,6 +134,24 @@ class TrainConfig:
     overwrite: bool = False  # replace a checkpoint already in out_dir (otherwise refuse)
 
     def validate(self) -> None:
+        """Raise ValueError naming the flag (the field, for those without one) of the first setting
+        that makes no sense: its type, its range, NaN and infinities, and the model overrides, which
+        must be JambaConfig fields of the right type that make a valid model (its memory is planned
+        in `train`, before it is built)."""
+        if self.time_budget is not None and not (_finite(self.time_budget) and self.time_budget > 0):
+            raise ValueError(
+                "--time-budget must be a finite number of seconds > 0 (0 = no limit), "
+                f"got {self.time_budget!r}"
+            )
+        if not (_finite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise ValueError(
+                f"--lr must be a finite number in (0, {MAX_LR:g}], got {self.lr!r} (default "
+                f"{TrainConfig.lr:g}): AdamW moves each weight by about lr per step"
+            )
+        for name in ("data", "out_dir"):  # a Path is as good as a str (and saved as one)
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        check_fields(self, flag_of)  # types: a str where a number belongs is named here, not compared
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
         if self.preset not in PRESETS:
@@ -126,18 +164,54 @@ class TrainConfig:
             self.compile = True  # CUDA graphs come from torch.compile's mode="reduce-overhead"
         if self.batch_size is None:
             self.batch_size = DEFAULT_BATCH.get(self.task, 8)
+        check_seed(self.seed, "--seed")
         for name in ("batch_size", "seq_len", "eval_batches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag_of(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "eval_interval", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"time budget must be > 0 seconds, got {self.time_budget}")
+                raise ValueError(f"{flag_of(name)} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.max_steps is None and self.time_budget is None:
             raise ValueError("without a time budget the run needs --max-steps")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr} and {self.min_lr_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must both be in [0, 1), got {tuple(self.betas)}")
+        if self.grad_clip <= 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0, got {self.grad_clip}")
+        if self.task == "text" and not tk.MIN_BPE_VOCAB <= self.vocab_size <= tk.MAX_BPE_VOCAB:
+            raise ValueError(
+                f"--vocab-size must be at least {tk.MIN_BPE_VOCAB} (256 bytes + end-of-text) and at most "
+                f"{tk.MAX_BPE_VOCAB:,}, got {self.vocab_size}"
+            )
+        if self.task == "mqar":
+            self.mqar_spec().validate()
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        """Each --override KEY=VALUE names a JambaConfig field and has its type; together with the
+        preset and the layout they make a valid model (the fields `model_config` sets from the task
+        stand in with the preset's values here)."""
+        fields = {f.name for f in dataclasses.fields(JambaConfig)}
+        for key, value in self.overrides.items():
+            if key not in fields:
+                raise ValueError(
+                    f"--override {key}: unknown model setting {key!r}: overrides must be JambaConfig fields"
+                )
+            try:
+                check_field(key, value)
+            except ValueError as e:
+                raise ValueError(f"--override {key}={value!r}: {e}") from None
+        from_task = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "scan_backend"}
+        try:
+            kept = {k: v for k, v in self.overrides.items() if k not in from_task}
+            JambaConfig.from_preset(self.preset, **kept).with_layout(self.layout)
+        except ValueError as e:
+            raise ValueError(f"--override: {e}") from None
 
     def mqar_spec(self) -> MQARSpec:
         return MQARSpec(self.mqar_pairs, self.mqar_queries, self.mqar_keys, self.mqar_values)
@@ -242,6 +316,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     ckpt = None
     if cfg.resume:
         ckpt = checkpoint.load(out_dir, training=True)
+        checkpoint.check_writable(out_dir)  # before the first step, not at the first checkpoint
         saved = {
             k: v
             for k, v in ckpt.train_config.items()
@@ -274,8 +349,14 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         raise ValueError("the processes built different training data: give every process the same --data")
     config = ckpt.config if ckpt else model_config(cfg, task)
     config.scan_backend = scan_backend_for(cfg.fast, cfg.compile)
-    with torch.device("meta"):
-        check_training_fits(Jamba(config).num_parameters(), device, world)
+    # The run's memory, planned by arithmetic on the sizes before anything is built (even on the meta
+    # device a million layers take minutes): refused with the largest batch that would fit.
+    reference_scan = (config.scan_backend or os.environ.get(ENV_VAR) or "reference") == "reference"
+    memory = training_plan(config, cfg.batch_size, task.seq_len, cfg.weights, world, cfg.checkpoint_activations,
+                           task.val_nbytes(cfg.batch_size, cfg.eval_batches) // cfg.batch_size,
+                           chunked_scan=device.type == "cpu" and reference_scan,
+                           bf16_activations=device.type == "cuda" or cfg.weights == "bf16")  # fmt: skip
+    check_training(memory, total_memory(device), f"this {device.type}")
     torch.manual_seed(cfg.seed)
     model = Jamba(config).to(device)
     if cfg.weights == "bf16":
@@ -325,10 +406,28 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             plot_note.append(1)
             say("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
 
+    def refuse(what):
+        """Stop instead of saving broken weights: the last good checkpoint stays as it is."""
+        bar.close()
+        kept = (f"the last good checkpoint (step {last_good}) is kept in {out_dir}" if last_good is not None
+                else "no checkpoint had been written yet")  # fmt: skip
+        raise NonFiniteLoss(f"{what} at step {state['step']}; training stopped without saving and {kept}; "
+                            "try a lower --lr")  # fmt: skip
+
     def save(status):
         t = time.monotonic()
+        # Never save a NaN: the last validation and the weights are checked (rank 0 decides for all).
+        last = state["evals"][-1] if state["evals"] else {}
+        bad = next((f"the validation {k.removeprefix('val_').replace('_', ' ')} became {v}" for k, v in last.items()
+                    if k != "step" and not math.isfinite(v)), None)  # fmt: skip
+        bad = distributed.from_rank0(bad)
+        if bad is not None:
+            refuse(bad)
         state["status"] = status
         tensors = distributed.model_state(model)  # sharded: gathered to rank 0 (every rank calls)
+        bad = distributed.from_rank0(checkpoint.first_non_finite(tensors) if main else None)
+        if bad is not None:
+            refuse(f"the weight {bad} became NaN or infinite")
         opt_tensors, groups = distributed.optimizer_state(model, optimizer)
         if main:
             checkpoint.save(

@@ -244,3 +244,55 @@ def test_jamba_v01_parameter_counts_on_meta():
     assert all(p.is_meta for p in model.parameters())
     assert round(model.num_parameters() / 1e9, 2) == 51.57
     assert round(model.num_parameters(active=True) / 1e9, 2) == 12.11
+
+
+# --- issue 22: every field type-checked by its annotation; the size known by arithmetic ---------
+
+
+@pytest.mark.parametrize(
+    "field, value, want",
+    [
+        ("rms_norm_eps", "1e-6", "a finite number"), ("rms_norm_eps", float("nan"), "a finite number"),
+        ("router_aux_loss_coef", float("inf"), "a finite number"), ("initializer_range", True, "a finite number"),
+        ("hidden_size", True, "an integer"), ("vocab_size", 4096.0, "an integer"),
+        ("tie_word_embeddings", 1, "a bool"), ("mamba_conv_bias", "yes", "a bool"),
+        ("pad_token_id", 0.5, "an integer or None"), ("max_position_embeddings", None, "an integer"),
+        ("scan_backend", b"reference", "a string or None"), ("initializer_range", -0.1, ">= 0"),
+    ],
+)  # fmt: skip
+def test_every_field_is_type_checked_by_its_annotation(field, value, want):
+    with pytest.raises(ValueError, match=rf"JambaConfig\.{field} must be {want}"):
+        tiny(**{field: value})
+
+
+def test_ints_are_accepted_where_floats_belong_and_none_where_allowed():
+    c = tiny(rms_norm_eps=1, router_aux_loss_coef=0, pad_token_id=None, eos_token_id=None, bos_token_id=None)
+    assert c.rms_norm_eps == 1 and c.pad_token_id is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(small_configs())
+def test_num_parameters_by_arithmetic_equals_the_model_built_on_meta(config):
+    with torch.device("meta"):
+        model = Jamba(config)
+    assert config.num_parameters() == model.num_parameters()
+
+
+@pytest.mark.parametrize("layout", ["hybrid", "attention", "mamba"])
+@pytest.mark.parametrize("name, extra", [("jamba-v0.1", {}), ("tiny", {}), ("tiny", dict(num_experts=1, num_experts_per_tok=1,
+                         tie_word_embeddings=False, mamba_proj_bias=True, mamba_conv_bias=False, num_hidden_layers=13))])  # fmt: skip
+def test_num_parameters_of_the_presets(name, extra, layout):
+    config = JambaConfig.from_preset(name, **extra).with_layout(layout)
+    with torch.device("meta"):
+        model = Jamba(config)
+    assert config.num_parameters() == model.num_parameters()
+    assert [config.layer_type(i) for i in range(config.num_hidden_layers)] == config.layer_types
+    assert [config.is_moe_layer(i) for i in range(config.num_hidden_layers)] == config.moe_layers
+
+
+def test_num_parameters_of_a_huge_config_is_instant():
+    import time
+
+    t = time.monotonic()
+    c = tiny(num_hidden_layers=10**9, hidden_size=2**30, num_attention_heads=2**10, num_key_value_heads=2**10)
+    assert c.num_parameters() > 10**27 and time.monotonic() - t < 1
