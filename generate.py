@@ -121,13 +121,13 @@ def load(args, device, backend):
     """(model, tokenizer) from --out-dir or --hf, on `device`, fp32 on the CPU and bf16 on a GPU."""
     import torch
 
-    from minijamba import checkpoint
-    from minijamba import tokenizer as tk
+    from minijamba.training import checkpoint
+    from minijamba.training import tokenizer as tk
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     quantize = "int8" if args.int8_experts else None
     if args.hf is None:
-        from minijamba.quant import quantize_model_
+        from minijamba.inference.quant import quantize_model_
 
         model, tok = checkpoint.load_model(
             args.out_dir or "out/tiny", device=device, dtype=dtype, scan_backend=backend
@@ -138,7 +138,7 @@ def load(args, device, backend):
     from safetensors import SafetensorError
 
     from minijamba import load_hf
-    from minijamba.mamba import MambaMixer
+    from minijamba.model.mamba import MambaMixer
 
     tok = tk.load(Path(args.hf) / "tokenizer.json")
     try:
@@ -172,16 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(parser, args)
     import torch
 
-    from minijamba import tokenizer as tk
-    from minijamba.checkpoint import CheckpointError
-    from minijamba.generation import generate_stream
-    from minijamba.memory_plan import available_bytes, check, plan
+    from minijamba.training import tokenizer as tk
+    from minijamba.training.checkpoint import CheckpointError
+    from minijamba.inference.generation import generate_stream
+    from minijamba.inference.memory_plan import available_bytes, check, plan
     from minijamba.runtime import resolve_device, scan_backend_for
-    from minijamba.state import plan_nbytes
+    from minijamba.model.state import plan_nbytes
 
     try:
         device = resolve_device(args.device)
-        model, tok = load(args, device, scan_backend_for(args.fast, training=False))
+        model, tok = load(args, device, scan_backend_for(args.fast))
         prompt = read_prompt(args)
         ids = tok.encode(prompt).ids
         if not ids:

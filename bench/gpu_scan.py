@@ -27,8 +27,8 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minijamba import backends  # noqa: E402
-from minijamba.backends import triton_scan, triton_step  # noqa: E402
+from minijamba import kernels as backends  # noqa: E402
+from minijamba.kernels import triton_scan, triton_step  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -311,7 +311,7 @@ def compile_check(log):
         log(f"  compile: decoding step FAILED {type(e).__name__}: {str(e)[:300]}")
     try:
         from minijamba import JambaConfig
-        from minijamba.mamba import MambaMixer
+        from minijamba.model.mamba import MambaMixer
 
         cfg = JambaConfig.from_preset("tiny", hidden_size=128, scan_backend="triton")
         mixer = MambaMixer(cfg).cuda()

@@ -1,9 +1,9 @@
 """minijamba: a readable Jamba (AI21, arXiv 2403.19887) in plain PyTorch, with an optional fast path."""
 
-from minijamba.config import JambaConfig
-from minijamba.generation import generate
-from minijamba.model import Jamba
-from minijamba.state import InferenceState
+from minijamba.model.config import JambaConfig
+from minijamba.inference.generation import generate
+from minijamba.model.jamba import Jamba
+from minijamba.model.state import InferenceState
 
 
 def load_hf(*args, **kwargs):

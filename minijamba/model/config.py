@@ -63,7 +63,7 @@ class JambaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     # --- minijamba only (not in transformers' config.json) -----------------------------------
-    # Selective-scan implementation (see minijamba.backends); None = $MINIJAMBA_SCAN_BACKEND or "reference".
+    # Selective-scan implementation (see minijamba.kernels); None = $MINIJAMBA_SCAN_BACKEND or "reference".
     scan_backend: str | None = None
 
     def __post_init__(self):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minijamba.config import JambaConfig
+from minijamba.model.config import JambaConfig
 
 
 @dataclass
@@ -36,6 +36,18 @@ class KVCache:
 
     k: torch.Tensor
     v: torch.Tensor
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, state: "InferenceState"):
+        """Write this call's l keys and values (b, g, l, e) at the positions `state.advance` just
+        counted, and return all of them so far, (b, g, s, e) each in k's dtype, with None: the new
+        tokens are the last l of the s, and attention masks causally (a graph-ready cache,
+        minijamba.inference.cuda_graph, returns its own (b, 1, l, s) mask instead)."""
+        end = state.length  # keys are positions [0, end)
+        start = end - k.shape[2]  # the new tokens sit at [start, end)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        # under bf16 autocast the queries are bf16 while the cache keeps the model's dtype
+        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype), None
 
 
 @dataclass
@@ -96,12 +108,6 @@ class InferenceState:
         self.length = 0
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (b, s)
         self.padded = False  # whether any position seen so far is padding (attention then needs a mask)
-        # Graph-ready decoding (minijamba.cuda_graph): while `window` is set, a call is one decoding
-        # step whose position comes from the device tensor `end` ((1,) int64, `length` after this
-        # token) instead of the host's `length`, and attention reads a fixed `window` key slots, so
-        # that one captured CUDA graph serves every position. The caller then keeps `length` counted.
-        self.window: int | None = None
-        self.end: torch.Tensor | None = None
         self.layers: list[KVCache | MambaState] = []
         for shapes in _layer_shapes(config, batch_size, capacity):
             if "k" in shapes:
@@ -122,11 +128,6 @@ class InferenceState:
         padding: whether mask has any False, when the caller knows (None: read it from the mask,
         which waits for the device)."""
         l = mask.shape[1]
-        if self.window is not None:  # a graph-ready step: the position is read on the device
-            if l != 1:
-                raise ValueError(f"a graph-ready decoding step takes one token per row, got {l}")
-            self.valid.index_copy_(1, self.end - 1, mask)  # (b, 1) at column end - 1
-            return
         if self.length + l > self.capacity:
             raise ValueError(
                 f"the inference state holds {self.capacity} tokens and {self.length} are used: "

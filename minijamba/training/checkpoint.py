@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from minijamba import tokenizer as tk
-from minijamba.config import JambaConfig
+from minijamba.training import tokenizer as tk
+from minijamba.model.config import JambaConfig
 
 MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "train_state.json"
 CONFIG, TRAIN_CONFIG, TOKENIZER, MANIFEST = (
@@ -324,7 +324,7 @@ def load(path: str | Path, training: bool = True) -> Checkpoint:
 
 def load_model(path: str | Path, device="cpu", dtype=None, scan_backend: str | None = None):
     """(model, tokenizer) from a checkpoint folder, ready for sampling (eval mode)."""
-    from minijamba.model import Jamba
+    from minijamba.model.jamba import Jamba
 
     ckpt = load(path, training=False)
     ckpt.config.scan_backend = scan_backend

@@ -27,12 +27,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minijamba.attention import Attention
-from minijamba.config import JambaConfig
-from minijamba.mamba import MambaMixer
-from minijamba.moe import MLP, SparseMoE
-from minijamba.norm import RMSNorm
-from minijamba.state import InferenceState
+from minijamba.model.attention import Attention
+from minijamba.model.config import JambaConfig
+from minijamba.model.mamba import MambaMixer
+from minijamba.model.moe import MLP, SparseMoE
+from minijamba.model import reference  # noqa: F401  (registers the reference primitives)
+from minijamba.model.norm import RMSNorm
+from minijamba.model.state import InferenceState
+
+
+# Parameters kept in float32 whatever the model's dtype: the SSM's A (as A_log), D and the Δ bias
+# enter the recurrence's exponent and sum, where bf16 rounding adds up over the context; they are
+# few (3 d per Mamba layer). transformers' Jamba keeps them so too.
+FLOAT32_PARAMS = ("A_log", "D", "dt_proj.bias")
+
+
+def keeps_float32(name: str) -> bool:
+    """Whether parameter `name` stays float32 whatever the model's dtype (FLOAT32_PARAMS)."""
+    return any(name == s or name.endswith("." + s) for s in FLOAT32_PARAMS)
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` with its parameters in `dtype`, but FLOAT32_PARAMS in float32. In place; returns it."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if keeps_float32(name) else dtype)
+    return model
 
 
 class DecoderLayer(nn.Module):
@@ -81,14 +100,6 @@ class Jamba(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         if self.embed_tokens.weight.device.type != "meta":
             self.reset_parameters()
-
-    @classmethod
-    def from_preset(cls, name: str, device="cpu", dtype=torch.bfloat16, quantize=None, seed: int = 0, **overrides):
-        """A preset ('jamba-v0.1', 'tiny') with seeded random weights, built piece by piece directly on
-        `device`, with int8 experts if quantize='int8'. See minijamba.materialize."""
-        from minijamba.materialize import from_preset
-
-        return from_preset(name, device, dtype, quantize, seed, **overrides)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

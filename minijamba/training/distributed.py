@@ -6,10 +6,10 @@ Glossary:
     r   this process's rank, 0 .. w-1
     b   global batch: sequences per optimizer step over all processes; each process takes b/w
 
-One loop for one process and for many: `minijamba.train.train` calls `setup` (which joins the
+One loop for one process and for many: `minijamba.training.train.train` calls `setup` (which joins the
 process group when torchrun started this process, and does nothing otherwise), then `prepare` on
 the model, and reads and writes checkpoints through `model_state` / `optimizer_state` /
-`load_model_state` / `load_optimizer_state` here, which fall through to `minijamba.checkpoint`
+`load_model_state` / `load_optimizer_state` here, which fall through to `minijamba.training.checkpoint`
 when the model is not sharded. PyTorch's own stack does the work:
 
     process group   torch.distributed, from torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT;
@@ -27,7 +27,7 @@ when the model is not sharded. PyTorch's own stack does the work:
                     the parameters (7% of the 8-layer benchmark model, 6% of a full-width block).
                     On the CPU everything is fp32
     data            every process takes its own rows r*b/w .. (r+1)*b/w of the same global batch
-                    (`minijamba.data` batches are a pure function of seed and step)
+                    (`minijamba.training.data` batches are a pure function of seed and step)
     checkpoints     the full (unsharded) state is gathered to rank 0 on the CPU
                     (`get_model_state_dict` / `get_optimizer_state_dict` with full_state_dict) and
                     rank 0 writes the ordinary single-process checkpoint. Resuming reads that full
@@ -59,7 +59,7 @@ import os
 import torch
 from torch import nn
 
-from minijamba import checkpoint
+from minijamba.training import checkpoint
 from minijamba.runtime import dist_info, resolve_device
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -202,7 +202,7 @@ def shard(model: nn.Module, device: torch.device, mesh=None, param_dtype=None) -
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from minijamba.moe import SparseMoE
+    from minijamba.model.moe import SparseMoE
 
     if mesh is None:
         mesh = init_device_mesh(device.type, (dist_info()[1],))

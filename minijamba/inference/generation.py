@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from minijamba.state import InferenceState
+from minijamba.model.state import InferenceState
 
 
 def check_sampling(temperature=0.0, top_k=None, top_p=None) -> None:
@@ -80,7 +80,7 @@ def generate_stream(
 ) -> Iterator[torch.Tensor]:  # fmt: skip
     """Yield the next token of every row, (b,), max_new_tokens times. prefill_chunk: run the prompt
     this many tokens at a time (None: in one piece); the result is the same either way.
-    cuda_graph: decode through `minijamba.cuda_graph.DecodeStep`, each step one CUDA graph replay
+    cuda_graph: decode through `minijamba.inference.cuda_graph.DecodeStep`, each step one CUDA graph replay
     when the model is on a GPU (there it must be bfloat16), the same step run eagerly elsewhere;
     the same tokens up to rounding. compile_step: also torch.compile that step (True, or the options
     for torch.compile) before it is captured: slow once, then fewer kernels per token."""
@@ -108,7 +108,7 @@ def generate_stream(
         state = model.new_state(b, l + max_new_tokens)
     logits = prefill(model, input_ids, state, attention_mask, prefill_chunk)  # (b, V)
     if cuda_graph or compile_step:
-        from minijamba.cuda_graph import DecodeStep
+        from minijamba.inference.cuda_graph import DecodeStep
 
         step = DecodeStep(model, state, graph=None if cuda_graph else False, compile=compile_step)
     else:

@@ -12,7 +12,7 @@ first. Here the model is first built on the meta device (shapes only, no memory)
 (the embedding, each decoder layer, the final norm, the LM head) is allocated on the target device
 and filled in turn, so the peak is the finished model plus one piece being made.
 
-With `quantize="int8"` the MoE experts become `minijamba.quant.Int8Experts` while still on meta,
+With `quantize="int8"` the MoE experts become `minijamba.inference.quant.Int8Experts` while still on meta,
 and their random weights are drawn one expert at a time in float32 and quantized at once: the
 experts never exist in 16 bits all together (one expert's float weights, 0.7 GB for Jamba-v0.1, is
 the most that does).
@@ -31,12 +31,12 @@ import math
 import torch
 from torch import nn
 
-from minijamba.config import JambaConfig
-from minijamba.hf import cast_parameters
-from minijamba.model import Jamba
-from minijamba.moe import Experts, SparseMoE
-from minijamba.norm import RMSNorm
-from minijamba.quant import Int8Experts, check_quantize
+from minijamba.model.config import JambaConfig
+from minijamba.model.jamba import cast_parameters
+from minijamba.model.jamba import Jamba
+from minijamba.model.moe import Experts, SparseMoE
+from minijamba.model.norm import RMSNorm
+from minijamba.inference.quant import Int8Experts, check_quantize
 
 
 def meta_model(config: JambaConfig, dtype=torch.bfloat16, quantize=None) -> Jamba:
@@ -107,7 +107,7 @@ def build(
     """A model with seeded random weights, made piece by piece directly on `device`, in eval mode.
 
     config: a JambaConfig or a preset name ('jamba-v0.1', 'tiny'). quantize: None or 'int8' (int8
-    experts, see minijamba.quant). seed: weights are a function of (seed, piece, device type)."""
+    experts, see minijamba.inference.quant). seed: weights are a function of (seed, piece, device type)."""
     if isinstance(config, str):
         config = JambaConfig.from_preset(config)
     device = torch.device(device)

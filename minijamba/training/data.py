@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from minijamba import tokenizer as tk
+from minijamba.training import tokenizer as tk
 
 STDLIB_MAX_BYTES = 4 * 2**20  # the default corpus: stdlib modules in name order up to 4 MiB
 VAL_FRACTION = 0.1

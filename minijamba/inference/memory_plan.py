@@ -18,7 +18,7 @@ Three parts, each exact or an honest upper estimate:
 
     weights       exact: the parameters and buffers of the model as built (bf16, int8 experts and
                   their float32 scales), counted on a meta-device copy, so nothing is allocated
-    state         exact: KV cache at s tokens, conv and SSM state (`minijamba.state.plan_nbytes`,
+    state         exact: KV cache at s tokens, conv and SSM state (`minijamba.model.state.plan_nbytes`,
                   equal to what `InferenceState.nbytes()` reports once allocated)
     activations   an estimate from the shapes: the residual stream of one call, plus the largest
                   live tensors of one layer at t tokens (the layer kinds run one after the other,
@@ -55,9 +55,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minijamba.backends import ENV_VAR
-from minijamba.config import JambaConfig
-from minijamba.state import plan_nbytes
+from minijamba.kernels import ENV_VAR
+from minijamba.model.config import JambaConfig
+from minijamba.model.state import plan_nbytes
 
 GiB = 2**30
 # Float32 (b, c, d, n) tensors alive at once inside each scan backend's prefill (see above).
@@ -138,7 +138,7 @@ class MemoryPlan:
 
 def weight_bytes(config: JambaConfig, dtype=torch.bfloat16, quantize=None) -> dict[str, int]:
     """Exact bytes of the model's parameters and buffers, by part and dtype, from a meta-device build."""
-    from minijamba.materialize import meta_model  # lazily: materialize imports the model
+    from minijamba.inference.materialize import meta_model  # lazily: materialize imports the model
 
     model = meta_model(config, dtype, quantize)
     out: dict[str, int] = {}

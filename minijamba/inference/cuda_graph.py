@@ -16,8 +16,8 @@ What a graph needs: every tensor at a fixed address with a fixed shape, and noth
 the device (a `.item()`, a `bincount` on CUDA) inside. The decoding step nearly is that already: the
 inference state is allocated once, the Mamba layers update theirs in place, the MoE counts its
 tokens on the device. Only attention depends on the position: where the new key and value go, and
-how many keys to read. The state's graph-ready mode (`InferenceState.window` and `.end`) moves both
-onto the device:
+how many keys to read. A graph-ready view of the state (`GraphReadyState`, whose attention layers
+hold a `GraphKVCache`) moves both onto the device:
 
     position    `end` is a (1,) tensor on the device, set before each replay; attention writes the
                 new key and value with index_copy_ at end - 1, and `valid` marks that position
@@ -28,8 +28,8 @@ The window grows in buckets of `bucket` tokens, one graph per bucket, captured w
 reaches it: a step reads at most bucket - 1 slots it does not need (at batch 1 with 4 key/value heads
 of 64 at bf16, 1 KiB per slot and attention layer).
 
-Everything else is the model's own code: `DecodeStep` calls `model(ids, state=state)` with the
-state in graph-ready mode. Off the GPU (or with graph=False) that same call runs eagerly, which is
+Everything else is the model's own code: `DecodeStep` calls `model(ids, state=view)` with the
+graph-ready view in place of the state; the reference model has no branch for it. Off the GPU (or with graph=False) that same call runs eagerly, which is
 how the tests hold it to the ordinary decoding step on a CPU.
 """
 
@@ -37,7 +37,46 @@ from __future__ import annotations
 
 import torch
 
-from minijamba.state import InferenceState, MambaState
+from minijamba.model.state import InferenceState, KVCache, MambaState
+
+
+class GraphKVCache:
+    """One attention layer's KV cache as a graph-ready step writes and reads it: the new key and
+    value go to position `end - 1`, read on the device, and attention reads a fixed window of w
+    slots, masked by `valid` where no token has been written yet."""
+
+    def __init__(self, cache: KVCache, view: "GraphReadyState"):
+        self.cache, self.view = cache, view
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v (b, g, 1, e) -> the window's keys and values (b, g, w, e) and the mask (b, 1, 1, w)."""
+        slot, w = self.view.end - 1, self.view.window  # (1,) this token's position, on the device
+        self.cache.k.index_copy_(2, slot, k.to(self.cache.k.dtype))
+        self.cache.v.index_copy_(2, slot, v.to(self.cache.v.dtype))
+        keys, values = self.cache.k[:, :, :w].to(k.dtype), self.cache.v[:, :, :w].to(v.dtype)
+        return keys, values, self.view.valid[:, None, None, :w]  # real tokens written so far
+
+
+class GraphReadyState:
+    """What one graph-ready decoding step sees in place of an `InferenceState`: the same Mamba
+    states and KV-cache tensors, with the position `end` ((1,) int64 on the device: the length
+    after this token) instead of the host's `length`, and a fixed `window` of key slots, so that
+    one captured CUDA graph serves every position. The caller keeps `state.length` counted."""
+
+    def __init__(self, state: InferenceState, end: torch.Tensor, window: int):
+        self.state, self.end, self.window = state, end, window
+        self.valid = state.valid  # (b, s)
+        self.layers = [GraphKVCache(c, self) if isinstance(c, KVCache) else c for c in state.layers]
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.batch_size
+
+    def advance(self, mask: torch.Tensor, padding: bool | None = None) -> None:
+        """Mark this step's token as seen: mask (b, 1) at column end - 1, on the device."""
+        if mask.shape[1] != 1:
+            raise ValueError(f"a graph-ready decoding step takes one token per row, got {mask.shape[1]}")
+        self.valid.index_copy_(1, self.end - 1, mask)
 
 
 class DecodeStep:
@@ -72,6 +111,7 @@ class DecodeStep:
         options = compile if isinstance(compile, dict) else {}
         self.forward = torch.compile(self._forward, **options) if compile else self._forward
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> graph, logits
+        self.views: dict[int, GraphReadyState] = {}  # window -> the state as its step sees it
         self.pool = torch.cuda.graph_pool_handle() if graph else None  # one memory pool for all windows
 
     def window(self, end: int) -> int:
@@ -100,17 +140,14 @@ class DecodeStep:
         state.length = end
         return logits
 
-    def _forward(self) -> torch.Tensor:
-        return self.model(self.ids, state=self.state, logits_to_keep=1)[:, -1]  # (b, V)
+    def _forward(self, view: GraphReadyState) -> torch.Tensor:
+        return self.model(self.ids, state=view, logits_to_keep=1)[:, -1]  # (b, V)
 
     def _run(self, w: int) -> torch.Tensor:
-        """The graph-ready step with window w: the state in graph-ready mode for this call only."""
-        state = self.state
-        state.window, state.end = w, self.end
-        try:
-            return self.forward()
-        finally:
-            state.window = None
+        """The graph-ready step with window w (one view a window, so a compiled step sees the same one)."""
+        if w not in self.views:
+            self.views[w] = GraphReadyState(self.state, self.end, w)
+        return self.forward(self.views[w])
 
     def _capture(self, w: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up, then record the step with window w (recording runs nothing).

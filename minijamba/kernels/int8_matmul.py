@@ -1,11 +1,11 @@
 """A Triton grouped matmul for int8 experts: the int8 weights are read once and dequantized in
 registers, instead of cast to 16 bits in memory first (the fast twin of
-`minijamba.quant.grouped_int8_linear_reference`, same signature, held equal by tests/test_quant_triton.py).
+`minijamba.inference.quant.grouped_int8_linear_reference`, same signature, held equal by tests/test_quant_triton.py).
 
 Glossary:
 
     T   rows of x: the (token, expert) assignments, sorted so that each expert's rows are contiguous
-    n   experts
+    E   experts
     O   output channels of the projection; I its input channels
     e   an expert; its rows are x[ends[e-1]:ends[e]]
 
@@ -19,7 +19,7 @@ cores, with the weight tile converted to the activation dtype after it is loaded
 
 The grid: axis 0 splits the O outputs into tiles of BLOCK_O; axis 1 runs over row blocks of BLOCK_T
 rows, each inside one expert. Expert e owns ceil(count_e / BLOCK_T) consecutive row blocks; the
-launch has ceil(T / BLOCK_T) + n of them (an upper bound, computed without reading the counts back
+launch has ceil(T / BLOCK_T) + E of them (an upper bound, computed without reading the counts back
 to the host: no synchronisation) and each program finds its expert from the prefix sums of the
 block counts; those past the end return at once. Runs on CUDA, or (slowly) in Triton's interpreter
 on the CPU with TRITON_INTERPRET=1, which the tests use.
@@ -85,23 +85,23 @@ def grouped_int8_linear(
 ) -> torch.Tensor:
     """Rows x[ends[e-1]:ends[e]] times (scale[e] * q[e])ᵀ for every expert e.
 
-    x (T, I) float; q (n, O, I) int8; scale (n, O) float32; ends (n,) cumulative row counts. -> (T, O)
+    x (T, I) float; q (E, O, I) int8; scale (E, O) float32; ends (E,) cumulative row counts. -> (T, O)
     in x's dtype. No host synchronisation."""
     T, I = x.shape
-    n, O, _ = q.shape
+    E, O, _ = q.shape
     y = torch.empty(T, O, dtype=x.dtype, device=x.device)
     if T == 0:
         return y
     x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
     ends = ends.to(torch.int64)
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (n,) rows per expert
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows per expert
     starts = ends - counts
-    BLOCK_T, BLOCK_O, BLOCK_I, warps = CONFIG["small" if T <= SMALL_ROWS * n else "large"]
+    BLOCK_T, BLOCK_O, BLOCK_I, warps = CONFIG["small" if T <= SMALL_ROWS * E else "large"]
     blocks = (counts + BLOCK_T - 1) // BLOCK_T  # row blocks per expert
-    block_start = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])  # (n + 1,)
-    grid = (triton.cdiv(O, BLOCK_O), triton.cdiv(T, BLOCK_T) + n)
+    block_start = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])  # (E + 1,)
+    grid = (triton.cdiv(O, BLOCK_O), triton.cdiv(T, BLOCK_T) + E)
     _grouped_int8_kernel[grid](
-        x, q, scale, y, starts, counts, block_start, n, O, I,
+        x, q, scale, y, starts, counts, block_start, E, O, I,
         x.stride(0), q.stride(0), q.stride(1), scale.stride(0), y.stride(0),
         BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=x.dtype == torch.float32, num_warps=warps,
     )  # fmt: skip

@@ -1,15 +1,15 @@
-"""`python -m minijamba.backends`: which scan backends this machine can run, and what --fast picks."""
+"""`python -m minijamba.kernels`: which scan backends this machine can run, and what --fast picks."""
 
 from __future__ import annotations
 
 import argparse
 
-from minijamba import backends
+from minijamba import kernels as backends
 
 
 def main(argv=None) -> None:
     argparse.ArgumentParser(
-        prog="python -m minijamba.backends",
+        prog="python -m minijamba.kernels",
         description="List the selective-scan backends, whether each runs on this machine (and why not), "
         "and which one --fast would pick.",
     ).parse_args(argv)
@@ -22,9 +22,7 @@ def main(argv=None) -> None:
         status = "available" if reason is None else f"not available: {reason}"
         hint = "" if reason is None else f"\n{'':14}install: {backends.INSTALL_HINT[name]}"
         print(f"  {name:<11} {status}{hint}")
-    print(f"--fast picks: {backends.best_available()} for training (train_tiny.py), "
-          f"{backends.best_available(training=False)} for inference (generate.py)")
-    print(f"--fast under torch.compile picks: {backends.best_available(compile=True)}")
+    print(f"--fast picks: {backends.best_available()} (train_tiny.py and generate.py, eager or compiled)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The `mamba_ssm` backend: mamba-ssm's CUDA selective scan and Triton decoding step, adapted.
 
-Glossary as in `minijamba.ssm`: u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,);
+Glossary as in `minijamba.model.ssm`: u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,);
 state (b, d, n) float32.
 
 What the adapter does, and where mamba-ssm differs from the reference:
@@ -18,8 +18,11 @@ What the adapter does, and where mamba-ssm differs from the reference:
   into the inference state, which needs no gradient; initial and last states that must carry
   gradients (truncated backpropagation through time) need the triton or reference backend.
 - mamba-ssm's functions are opaque to torch.compile (graph breaks); use the triton backend there.
-- the convolution: mamba-ssm ships no conv kernel (that is the separate causal-conv1d package), so
-  this backend's `causal_conv1d` is our Triton conv, `minijamba.backends.triton_conv`.
+- the convolution: mamba-ssm ships no conv kernel; the separate causal-conv1d package does, and
+  where it is installed this backend uses its `causal_conv1d_fn` (2.6-2.8x faster than ours on the
+  model's time-contiguous layout, bench/RESULTS.md). It takes no context for that layout, so a call
+  that continues from a conv state (chunked prefill) goes to our Triton conv
+  (`minijamba.kernels.triton_conv`), as every call does where causal-conv1d is not installed.
 
 The kernels are imported on first use, never at module import.
 """
@@ -66,7 +69,7 @@ def load() -> None:
 
 def _fallback_scan():
     """Where a call mamba-ssm cannot compute goes: our Triton scan on a GPU, else the reference."""
-    from minijamba import backends
+    from minijamba import kernels as backends
 
     name = "triton" if backends.why_unavailable("triton") is None else "reference"
     return backends.get(name).selective_scan
@@ -76,7 +79,7 @@ def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     return_last_state=False, initial_state=None,
 ):  # fmt: skip
-    """`minijamba.ssm.selective_scan` through mamba-ssm's `selective_scan_fn` (see the module
+    """`minijamba.model.ssm.selective_scan` through mamba-ssm's `selective_scan_fn` (see the module
     docstring for initial_state). Returns y (b, d, l), and the last state (b, d, n) when asked."""
     if initial_state is not None and (initial_state.requires_grad or bool(initial_state.any())):
         return _fallback_scan()(
@@ -96,14 +99,26 @@ def selective_scan(
 
 
 def causal_conv1d(x, weight, bias=None, context=None, silu=False):
-    """`minijamba.mamba.causal_conv1d` on our Triton kernels (mamba-ssm has no conv of its own)."""
-    from minijamba.backends import triton_conv
+    """`minijamba.model.ssm.causal_conv1d` on causal-conv1d's kernel where it is installed and can
+    take the call (no context), else on our Triton kernel. x (b, d, l) -> (b, d, l) in x's dtype."""
+    if context is None and x.stride(-1) == 1 and _causal_conv1d_fn() is not None:
+        w, b = weight.to(x.dtype).contiguous(), None if bias is None else bias.to(x.dtype)
+        return _causal_conv1d_fn()(x, w, b, activation="silu" if silu else None)
+    from minijamba.kernels import triton_conv
 
     return triton_conv.causal_conv1d(x, weight, bias, context, silu)
 
 
+def _causal_conv1d_fn():
+    """causal-conv1d's `causal_conv1d_fn`, or None where the package is not installed."""
+    if "conv" not in _OPS:
+        spec = importlib.util.find_spec("causal_conv1d")
+        _OPS["conv"] = importlib.import_module("causal_conv1d").causal_conv1d_fn if spec else None
+    return _OPS["conv"]
+
+
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """`minijamba.ssm.selective_state_update` through mamba-ssm's Triton kernel: one decoding step,
+    """`minijamba.model.ssm.selective_state_update` through mamba-ssm's Triton kernel: one decoding step,
     `state` (b, d, n) updated in place. Returns y (b, d) in x's dtype."""
     load()
     return _OPS["step"](

@@ -1,7 +1,7 @@
 """One decoding step of the selective scan as a Triton kernel: the `triton` backend's
-`selective_state_update`, which must equal `minijamba.ssm.selective_state_update`.
+`selective_state_update`, which must equal `minijamba.model.ssm.selective_state_update`.
 
-Glossary (as in `minijamba.ssm`):
+Glossary (as in `minijamba.model.ssm`):
 
     b   batch                     x, Δ, z   (b, d)      this token's input, step size and gate
     d   channels                  A         (d, n)      the state matrix, negative
@@ -10,7 +10,7 @@ Glossary (as in `minijamba.ssm`):
 
 A token needs no scan: h <- exp(Δ A) h + Δ B x, y = C·h + D x, times SiLU(z). One program takes a
 block of BD channels of one sequence, whole states (n rounded up to a power of two) in registers;
-at batch 1 the step is bound by its launch, which a CUDA graph removes (minijamba.cuda_graph).
+at batch 1 the step is bound by its launch, which a CUDA graph removes (minijamba.inference.cuda_graph).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from minijamba.backends.triton_ops import custom_op, interpreting, run_op
-from minijamba.backends.triton_scan import LOG2E, _softplus
+from minijamba.kernels.custom_ops import custom_op, interpreting, run_op
+from minijamba.kernels.triton_scan import LOG2E, _softplus
 
 # Launch shape: channels per program and warps (bench/gpu_scan.py times the step).
 CONFIG = dict(BD=64, num_warps=4)
@@ -92,7 +92,7 @@ def _state_update(
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """`minijamba.ssm.selective_state_update` on a Triton kernel: one decoding step, `state`
+    """`minijamba.model.ssm.selective_state_update` on a Triton kernel: one decoding step, `state`
     (b, d, n) updated in place; x, dt, z (b, d); A (d, n); B, C (b, n). Returns y (b, d)."""
     if state.dim() != 3 or x.shape != state.shape[:2]:
         raise ValueError(f"state must be (b, d, n) and x (b, d), got {tuple(state.shape)} and {tuple(x.shape)}")

@@ -5,7 +5,7 @@ Glossary:
     t   tokens (batch and sequence flattened)
     h   model width
     f   hidden width of an expert (intermediate_size)
-    n   experts in the layer
+    E   experts in the layer
     K   experts each token goes to
     o   output channels of one projection (2f for gate_up, h for down)
     i   input channels of one projection (h for gate_up, f for down)
@@ -26,7 +26,7 @@ so an expert runs as an ordinary matmul against q cast to the activation dtype (
 value is a bf16 value) followed by one multiply of the output by s. Only the experts that received
 tokens are cast, one at a time, so the extra memory is one expert's weights in 16 bits. On a GPU the
 same grouped matmul runs as one Triton kernel that reads each int8 weight once and dequantizes it in
-registers (`minijamba.quant_triton`, chosen by `int8_kernel`): a decoding step then reads the chosen
+registers (`minijamba.kernels.int8_matmul`, chosen by `int8_kernel`): a decoding step then reads the chosen
 experts' bytes once instead of moving five bytes per weight.
 
 torchao (pytorch/ao) was considered first, as the issue asks: its `Int8WeightOnlyConfig` stores a
@@ -36,8 +36,10 @@ and has no grouped matmul for int8 weights; it also ships compiled extensions ti
 version. It would add a dependency without doing anything more, so the reference is this plain
 PyTorch module, and the faster kernel plugs in at one place, `grouped_int8_linear`.
 
-`Int8Experts` has the same forward signature and the same `expert(i, x)` as `minijamba.moe.Experts`,
+`Int8Experts` has the same forward signature and the same `expert(i, x)` as `minijamba.model.moe.Experts`,
 so `SparseMoE.experts` simply *is* an `Int8Experts` in a quantized model: the MoE code has no branch.
+Its forward always sorts the tokens by expert (minijamba.kernels.moe_dispatch), whatever the
+backend: it exists to run a full-size model, and a loop over experts would cast each one anyway.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minijamba.config import JambaConfig
-from minijamba.moe import Experts, SparseMoE, combine, gather_rows, sort_by_expert
+from minijamba.model.config import JambaConfig
+from minijamba.kernels.moe_dispatch import combine, gather_rows, sort_by_expert
+from minijamba.model.moe import Experts, SparseMoE
 
 QUANTIZE_MODES = (None, "int8")
 KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference' or 'triton' (see int8_kernel)
@@ -67,8 +70,8 @@ def check_quantize(quantize) -> None:
 
 def _sizes(experts) -> SimpleNamespace:
     """The three config fields `Experts` and `Int8Experts` read, from an existing experts module."""
-    n, two_f, h = experts.gate_up_proj.shape
-    return SimpleNamespace(num_experts=n, hidden_size=h, intermediate_size=two_f // 2)
+    E, two_f, h = experts.gate_up_proj.shape
+    return SimpleNamespace(num_experts=E, hidden_size=h, intermediate_size=two_f // 2)
 
 
 @torch.no_grad()
@@ -86,19 +89,19 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Experts(nn.Module):
     """n SwiGLU experts with int8 weights and one float32 scale per output channel.
 
-    Same layout and names as `Experts`: gate_up_proj (n, 2f, h) = [gate; up] and down_proj (n, h, f),
+    Same layout and names as `Experts`: gate_up_proj (E, 2f, h) = [gate; up] and down_proj (E, h, f),
     here int8 (parameters that never require a gradient, so parameter counts stay the same), with
-    gate_up_scale (n, 2f) and down_scale (n, h) beside them. Inference only.
+    gate_up_scale (E, 2f) and down_scale (E, h) beside them. Inference only.
     """
 
     def __init__(self, config: JambaConfig, device=None):
         super().__init__()
-        n, h, f = config.num_experts, config.hidden_size, config.intermediate_size  # all it reads
+        E, h, f = config.num_experts, config.hidden_size, config.intermediate_size  # all it reads
         int8 = dict(dtype=torch.int8, device=device)
-        self.gate_up_proj = nn.Parameter(torch.zeros(n, 2 * f, h, **int8), requires_grad=False)  # (n, 2f, h)
-        self.down_proj = nn.Parameter(torch.zeros(n, h, f, **int8), requires_grad=False)  # (n, h, f)
-        self.register_buffer("gate_up_scale", torch.ones(n, 2 * f, device=device))  # (n, 2f) float32
-        self.register_buffer("down_scale", torch.ones(n, h, device=device))  # (n, h) float32
+        self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * f, h, **int8), requires_grad=False)  # (E, 2f, h)
+        self.down_proj = nn.Parameter(torch.zeros(E, h, f, **int8), requires_grad=False)  # (E, h, f)
+        self.register_buffer("gate_up_scale", torch.ones(E, 2 * f, device=device))  # (E, 2f) float32
+        self.register_buffer("down_scale", torch.ones(E, h, device=device))  # (E, h) float32
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
@@ -129,7 +132,7 @@ class Int8Experts(nn.Module):
     def load_rows_(self, name: str, index: tuple, w: torch.Tensor) -> None:
         """Quantize float rows `w` into `self.<name>[index]` and their scales into the matching scale.
 
-        name: 'gate_up_proj' or 'down_proj'; index: () for all experts (w (n, o, i), quantized one
+        name: 'gate_up_proj' or 'down_proj'; index: () for all experts (w (E, o, i), quantized one
         expert at a time), (j,) for expert j, or (j, rows) for some of its rows. Scales are per row,
         so a checkpoint's gate and up halves (or any rows) quantize on their own, as they arrive."""
         target, scale = getattr(self, name), getattr(self, name.replace("_proj", "_scale"))
@@ -178,6 +181,10 @@ class Int8Experts(nn.Module):
         )
 
     # --- running ------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
     def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Expert i on its tokens x (t_i, h) -> (t_i, h): cast-matmul-scale, twice."""
         gate_up = F.linear(x, self.gate_up_proj[i].to(x.dtype)) * self.gate_up_scale[i].to(
@@ -197,8 +204,8 @@ class Int8Experts(nn.Module):
 
 
 def grouped_int8_linear_reference(x, q, scale, ends) -> torch.Tensor:
-    """Rows x[ends[e-1]:ends[e]] times (scale[e] * q[e])ᵀ for every expert e. x (T, I); q (n, O, I)
-    int8; scale (n, O); ends (n,) -> (T, O). Each expert that has rows is cast to x's dtype (in
+    """Rows x[ends[e-1]:ends[e]] times (scale[e] * q[e])ᵀ for every expert e. x (T, I); q (E, O, I)
+    int8; scale (E, O); ends (E,) -> (T, O). Each expert that has rows is cast to x's dtype (in
     memory, one at a time) and runs one matmul; its output is scaled per channel."""
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # rows per expert (a host sync)
     out = [
@@ -224,7 +231,7 @@ def grouped_int8_linear(x, q, scale, ends) -> torch.Tensor:
     """The one dispatch point for the experts' int8 matmul (see `int8_kernel`); both twins have
     this signature and the tests hold them equal."""
     if int8_kernel(x) == "triton":
-        from minijamba.quant_triton import grouped_int8_linear as fast  # lazily: optional package
+        from minijamba.kernels.int8_matmul import grouped_int8_linear as fast  # lazily: optional package
 
         return fast(x, q, scale, ends)
     return grouped_int8_linear_reference(x, q, scale, ends)

@@ -19,12 +19,12 @@ Data flow, for input x (b, l, h):
     RMSNorm         Δ_low, B, C each normalised        Jamba's addition (paper section 6.4): without
                                                        it, large-scale training showed loss spikes
     dt_proj         Δ_low -> Δ (b, d, l)               the bias is added inside the scan, with softplus
-    scan            y = SSM(Δ, A, B, C)(u) + D u        A = -exp(A_log); see minijamba.ssm
+    scan            y = SSM(Δ, A, B, C)(u) + D u        A = -exp(A_log); see minijamba.model.ssm
     gate            y * SiLU(z)
     out_proj        y -> (b, l, h)
 
 Between in_proj and out_proj every stream is time-last, (b, d, l) and (b, n, l), the layout the
-conv and the scan read; the projections write and read that layout directly (`minijamba.layout`),
+conv and the scan read; the projections write and read that layout directly (`minijamba.kernels.time_last`),
 so no stream is copied to transpose it.
 
 With an inference state the same path continues from where the last call stopped: the convolution
@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from minijamba import backends
-from minijamba.config import JambaConfig
-from minijamba.layout import LinearFromTimeLast, LinearToTimeLast, linear_to_time_last
-from minijamba.norm import RMSNorm
+from minijamba.model import dispatch
+from minijamba.model.config import JambaConfig
+from minijamba.model.norm import RMSNorm
 
 
 class MambaMixer(nn.Module):
@@ -59,15 +58,14 @@ class MambaMixer(nn.Module):
             config.mamba_dt_rank, config.mamba_d_conv,
         )  # fmt: skip
         self.d, self.n, self.r, self.k = d, n, r, k
-        self.scan_backend = config.scan_backend
-        # in_proj, x_proj and out_proj are nn.Linears that write or read the time-last layout
-        self.in_proj = LinearToTimeLast(h, 2 * d, bias=config.mamba_proj_bias, chunks=2)  # -> (xs, z)
-        self.conv1d = nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=config.mamba_conv_bias)
-        self.x_proj = LinearFromTimeLast(d, r + 2 * n, bias=False)
+        self.config = config  # config.scan_backend names the primitives' backend (minijamba.model.dispatch)
+        self.in_proj = nn.Linear(h, 2 * d, bias=config.mamba_proj_bias)  # -> (xs, z)
+        self.conv1d = nn.Conv1d(d, d, k, groups=d, bias=config.mamba_conv_bias)  # its weight and bias
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.empty(d, n))  # A = -exp(A_log), kept in float32
         self.D = nn.Parameter(torch.empty(d))
-        self.out_proj = LinearFromTimeLast(d, h, bias=config.mamba_proj_bias)
+        self.out_proj = nn.Linear(d, h, bias=config.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(r, eps=config.rms_norm_eps)
         self.b_layernorm = RMSNorm(n, eps=config.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, eps=config.rms_norm_eps)
@@ -96,8 +94,8 @@ class MambaMixer(nn.Module):
         from zero. mask: (b, l) bool, False at padding positions, or None when there is none.
         """
         b, l, _ = x.shape
-        scan = backends.get(self.scan_backend)
-        xs, z = self.in_proj(x)  # 2 x (b, d, l), written time-last: the signal and the gate
+        ops = dispatch.get(self.config.scan_backend)
+        xs, z = ops.to_time_last(self.in_proj, x).chunk(2, dim=1)  # (b, 2d, l) -> 2 x (b, d, l): signal, gate
         if mask is not None:
             xs = xs * mask[:, None, :]  # padding must not enter the conv window
 
@@ -112,7 +110,7 @@ class MambaMixer(nn.Module):
             window = torch.cat([context, xs], dim=-1)  # (b, d, k)
             u = F.silu(_last_conv_output(window, w, self.conv1d.bias))  # (b, d, 1)
         else:
-            u = scan.causal_conv1d(xs, w, self.conv1d.bias, context, silu=True)  # (b, d, l)
+            u = ops.causal_conv1d(xs, w, self.conv1d.bias, context, silu=True)  # (b, d, l)
             if state is not None:  # the window's tail: cat only what the state keeps
                 m = min(l, self.k - 1)  # how many of the last k-1 inputs are new
                 window = torch.cat([context[:, :, m:], xs[:, :, l - m :]], dim=-1)  # (b, d, k-1)
@@ -122,55 +120,41 @@ class MambaMixer(nn.Module):
             u = u * mask[:, None, :]  # and must not enter the SSM state
 
         # Input-dependent Δ, B, C, each RMS-normalised (Jamba's change to Mamba).
-        dt, B, C = torch.split(self.x_proj(u), [self.r, self.n, self.n], -1)  # (b, d, l) -> (b, l, r+2n) split
+        dt, B, C = torch.split(ops.from_time_last(self.x_proj, u), [self.r, self.n, self.n], -1)  # (b, l, r+2n) split
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)  # (b, l, r|n|n)
-        dt = linear_to_time_last(dt, self.dt_proj.weight)  # (b, d, l); the bias is added inside the scan
+        # Δ = dt_proj(dt) time-last, (b, d, l); its bias is added inside the scan, before the softplus
+        dt = ops.to_time_last(self.dt_proj, dt, bias=False)
         up = torch.promote_types(self.A_log.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
         A = -torch.exp(self.A_log.to(up))  # (d, n)
         D, dt_bias = self.D.to(up), self.dt_proj.bias.to(up)
 
         if state is not None and l == 1:  # decoding: one step of the recurrence
-            y = scan.selective_state_update(
+            y = ops.selective_state_update(
                 state.ssm, u[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], D,
                 z=z[..., 0], dt_bias=dt_bias, dt_softplus=True,
             )[..., None]  # (b, d, 1)  # fmt: skip
         else:  # the scan takes mamba-ssm's layout: u, dt, z (b, d, l), B and C (b, n, l)
             initial = None if state is None else state.ssm
-            y, last = scan.selective_scan(
+            y, last = ops.selective_scan(
                 u, dt, A, rearrange(B, "b l n -> b n l"),
                 rearrange(C, "b l n -> b n l"), D, z=z, delta_bias=dt_bias, delta_softplus=True,
                 return_last_state=True, initial_state=initial,
             )  # (b, d, l), (b, d, n)  # fmt: skip
             if state is not None:
                 state.ssm.copy_(last)
-        return self.out_proj(y)  # (b, d, l) -> (b, l, h)
+        return ops.from_time_last(self.out_proj, y)  # (b, d, l) -> (b, l, h)
 
 
-def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    context: torch.Tensor | None = None, silu: bool = False,
-) -> torch.Tensor:  # fmt: skip
-    """Mamba's depthwise causal convolution over time, then SiLU when asked: the reference every
-    scan backend's `causal_conv1d` must equal.
+def to_time_last(linear: torch.nn.Linear, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """A Linear whose output is stored time-last: x (b, l, i) -> (b, o, l), a view of its product.
+    bias=False: the weight alone (the Mamba layer adds Δ's bias inside the scan)."""
+    y = linear(x) if bias else F.linear(x, linear.weight)  # (b, l, o)
+    return rearrange(y, "b l o -> b o l")
 
-    x (b, d, l), any strides; weight (d, k): one filter per channel, weight[:, k-1] multiplying the
-    current input; bias (d,) or None; context (b, d, k-1): the k-1 inputs before x (zeros when
-    None, the start of a sequence). Returns (b, d, l) in x's dtype, contiguous:
 
-        y[:, c, t] = bias[c] + Σ_j weight[c, j] · cat(context, x)[:, c, t + j]      (j = 0 .. k-1)
-
-    Rounded as F.conv1d rounds (also under autocast, which casts the float32 parameters): weights,
-    bias and context in x's dtype, products summed in float32 or wider, one rounding at the end;
-    SiLU then applies to that rounded result.
-    """
-    b, d, l = x.shape
-    k = weight.shape[-1]
-    if context is None:
-        context = x.new_zeros(b, d, k - 1)
-    window = torch.cat([context.to(x.dtype), x], dim=-1)  # (b, d, k-1+l)
-    w = weight.to(x.dtype)[:, None, :]  # (d, 1, k): groups=d gives each channel its own filter
-    y = F.conv1d(window, w, None if bias is None else bias.to(x.dtype), groups=d)  # (b, d, l)
-    return F.silu(y) if silu else y
+def from_time_last(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear that reads its input time-last: x (b, i, l) -> (b, l, o)."""
+    return linear(rearrange(x, "b i l -> b l i"))
 
 
 def _last_conv_output(window: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

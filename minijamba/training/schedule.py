@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # only for the annotations: train.py imports this module
-    from minijamba.train import TrainConfig
 
 EVALS_PER_RUN = 10  # validation points when eval_interval is left to the loop
 
 
-def lr_at(step: int, cfg: TrainConfig, planned: int | None) -> float:
-    """Learning rate for the update that follows `step` completed steps: warmup, then cosine."""
+def lr_at(step: int, cfg, planned: int | None) -> float:
+    """Learning rate for the update that follows `step` completed steps: warmup, then cosine.
+    cfg: the run's TrainConfig (its lr, warmup_steps and min_lr_ratio)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if planned is None:

@@ -1,6 +1,6 @@
 """The Mamba layer's causal depthwise convolution (with its SiLU fused) as Triton kernels.
 
-Glossary (as in `minijamba.mamba.causal_conv1d`, the reference these kernels must equal):
+Glossary (as in `minijamba.model.ssm.causal_conv1d`, the reference these kernels must equal):
 
     b   batch                 x, y, dy   (b, d, l)     input (any strides), output, output gradient
     d   channels              w          (d, k)        taps; w[:, k-1] multiplies the current input
@@ -45,7 +45,7 @@ faster in GPU time (bench/RESULTS.md). The k shifted loads of each pass come fro
 the L2 reads, k per pass (2k in the backward: pre, then dw), bound both kernels. Loading each tile
 once and shifting it in registers, as dpre is shifted, is the next step.
 
-The wrappers are `torch.library.triton_op`s (`minijamba.backends.triton_ops`), so torch.compile
+The wrappers are `torch.library.triton_op`s (`minijamba.kernels.custom_ops`), so torch.compile
 sees through them (no graph break), and eager calls launch the kernels directly.
 `CausalConv1dFn` ties forward and backward together for autograd. CUDA tensors only, unless
 TRITON_INTERPRET=1 (Triton's CPU interpreter, which the tests use).
@@ -57,13 +57,13 @@ import torch
 import triton
 import triton.language as tl
 
-from minijamba.backends.triton_ops import custom_op, interpreting, run_op
+from minijamba.kernels.custom_ops import custom_op, interpreting, run_op
 
 # Launch shapes. BLOCK_D channels x BLOCK_L positions a program; the backward's BLOCK_L is raised
 # to at least 2k so that its windows overlap by at most half. The fastest of bench/gpu_conv.py
 # --sweep on an H200 at the training shape b=4, d=2048, l=2K, bf16, k=4, with x time-last as the
 # model passes it (2026-12-02): long in l, narrow in d, since l is the contiguous dimension.
-# (With x strided, stride 1 along d, as the model passed it before minijamba.layout, the sweep
+# (With x strided, stride 1 along d, as the model passed it before minijamba.kernels.time_last, the sweep
 # chose 64 x 64 and 64 x 32; bench/RESULTS.md.)
 CONFIG = {
     "fwd": dict(BLOCK_L=256, BLOCK_D=16, num_warps=4),
@@ -341,7 +341,7 @@ def _check(x, weight, bias, context):
 
 
 def causal_conv1d(x, weight, bias=None, context=None, silu=False):
-    """`minijamba.mamba.causal_conv1d` on the Triton kernels: same arguments, result and rounding.
+    """`minijamba.model.ssm.causal_conv1d` on the Triton kernels: same arguments, result and rounding.
 
     x (b, d, l), any strides; weight (d, k); bias (d,) or None; context (b, d, k-1) or None (zeros).
     Returns SiLU(conv) if silu else conv, contiguous (b, d, l) in x's dtype. Differentiable in x,

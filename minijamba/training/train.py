@@ -7,7 +7,7 @@ Glossary:
     s   optimizer steps done so far ("step")
     T   planned steps: the length of the learning-rate schedule
 
-What one step does: take batch s (a pure function of seed and s, see minijamba.data), forward
+What one step does: take batch s (a pure function of seed and s, see minijamba.training.data), forward
 with the loss (bf16 autocast on a GPU, fp32 on the CPU), backward, clip the gradient norm, set
 the learning rate for s, AdamW step. The step's loss and gradient norm are read (and checked) a
 step late, so the host launches the next step while the device runs this one. Every so often:
@@ -16,7 +16,7 @@ loss-curve plot.
 
 Weights: float32 by default, the matmuls in bf16 under autocast on a GPU (mixed precision: AdamW
 updates float32 weights, so no update is lost to rounding). `weights="bf16"` keeps the parameters
-and AdamW's state in bf16 (A_log, D and the Δ bias stay float32, see `hf.cast_parameters`), as
+and AdamW's state in bf16 (A_log, D and the Δ bias stay float32, see `minijamba.model.jamba.cast_parameters`), as
 transformers' Jamba trains: half the memory and the optimizer's traffic, but an update smaller
 than half a weight's bf16 step (0.2-0.4% of the weight) rounds away. `cuda_graphs=True` compiles
 the model with torch.compile's mode="reduce-overhead": each step's kernels replay as CUDA graphs,
@@ -40,7 +40,7 @@ Several processes (`torchrun --nproc-per-node N train_tiny.py ...`): the same lo
 FSDP2 (one unit per decoder layer), each process takes rows rank*b/w .. (rank+1)*b/w of the same
 global batch, and only rank 0 prints and writes. Checkpoints hold the full state, gathered to rank 0,
 in the single-process format, so a run resumes on any number of processes. Stopping (Ctrl-C, the
-time budget) and the schedule's length are decided once for all processes. See minijamba.distributed.
+time budget) and the schedule's length are decided once for all processes. See minijamba.training.distributed.
 """
 
 from __future__ import annotations
@@ -55,15 +55,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minijamba import checkpoint, distributed
-from minijamba import tokenizer as tk
-from minijamba.config import LAYOUTS, PRESETS, JambaConfig
-from minijamba.data import IGNORE, MQARSpec, MQARTask, TextTask, bits_per_byte
-from minijamba.hf import cast_parameters
-from minijamba.model import Jamba
-from minijamba.plots import plot_history
+from minijamba.training import checkpoint
+
+from minijamba.training import distributed
+from minijamba.training import tokenizer as tk
+from minijamba.model.config import LAYOUTS, PRESETS, JambaConfig
+from minijamba.training.data import IGNORE, MQARSpec, MQARTask, TextTask, bits_per_byte
+from minijamba.model.jamba import cast_parameters
+from minijamba.model.jamba import Jamba
+from minijamba.training.plots import plot_history
 from minijamba.runtime import Readout, StopFlag, check_training_fits, dist_info, peak_memory, scan_backend_for
-from minijamba.schedule import EVALS_PER_RUN, lr_at, plan_steps, time_left
+from minijamba.training.schedule import EVALS_PER_RUN, lr_at, plan_steps, time_left
 
 TASKS = ("text", "mqar")
 # Fields a resumed run takes from the command line; all others come from the checkpoint.
@@ -171,7 +173,7 @@ def model_config(cfg: TrainConfig, task) -> JambaConfig:
         **cfg.overrides,
         "vocab_size": task.vocab_size,
         **special,
-        "scan_backend": scan_backend_for(cfg.fast, cfg.compile),
+        "scan_backend": scan_backend_for(cfg.fast),
     }
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(JambaConfig)})
     if unknown:
@@ -273,7 +275,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     if distributed.from_rank0(task.fingerprint()) != task.fingerprint():
         raise ValueError("the processes built different training data: give every process the same --data")
     config = ckpt.config if ckpt else model_config(cfg, task)
-    config.scan_backend = scan_backend_for(cfg.fast, cfg.compile)
+    config.scan_backend = scan_backend_for(cfg.fast)
     with torch.device("meta"):
         check_training_fits(Jamba(config).num_parameters(), device, world)
     torch.manual_seed(cfg.seed)

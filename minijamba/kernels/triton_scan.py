@@ -1,7 +1,7 @@
 """The selective scan as Triton kernels, forward and backward: the `triton` backend's scan (its
 decoding step is `triton_step`, its conv `triton_conv`).
 
-Glossary (as in `minijamba.ssm`, whose functions these replace and whose results they must equal):
+Glossary (as in `minijamba.model.ssm`, whose functions these replace and whose results they must equal):
 
     b   batch                     u, Δ, z   (b, d, l)   the input, the step size, the gate
     d   channels                  A         (d, n)      the state matrix, negative
@@ -42,7 +42,7 @@ dB and dC sum over channels, that is over programs: each program adds its share 
 
 All arithmetic is float32 whatever the input dtype (bf16, fp16, fp32); outputs take the input dtypes.
 The wrappers are `torch.library.triton_op`s, so `torch.compile` sees through them (no graph break);
-eagerly they launch the kernels directly (`minijamba.backends.triton_ops`),
+eagerly they launch the kernels directly (`minijamba.kernels.custom_ops`),
 and `SelectiveScanFn` ties the forward and backward together for autograd.
 """
 
@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minijamba.backends.triton_ops import custom_op, interpreting, run_op
+from minijamba.kernels.custom_ops import custom_op, interpreting, run_op
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x log2 e): exp2 is the GPU's instruction
 
@@ -497,7 +497,7 @@ def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     return_last_state=False, initial_state=None,
 ):  # fmt: skip
-    """`minijamba.ssm.selective_scan` on the Triton kernels: same arguments, shapes and result.
+    """`minijamba.model.ssm.selective_scan` on the Triton kernels: same arguments, shapes and result.
 
     u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,); initial_state (b, d, n).
     Returns y (b, d, l) in u's dtype, and the last state (b, d, n) in float32 when asked.
