@@ -2,7 +2,7 @@
 
 Glossary:
 
-    n   experts in an MoE layer
+    E   experts in an MoE layer
     h   model width
     f   hidden width of an expert
 

@@ -3,7 +3,7 @@
 Glossary:
 
     w   world size: processes in the run (one per GPU, or several on the CPU for the tests)
-    r   this process's rank, 0 .. w-1
+    p   this process's rank, 0 .. w-1
     b   global batch: sequences per optimizer step over all processes; each process takes b/w
 
 One loop for one process and for many: `minijamba.training.train.train` calls `setup` (which joins the
@@ -26,7 +26,7 @@ when the model is not sharded. PyTorch's own stack does the work:
                     in fp32 (mamba-ssm's authors advise the same), and the mixers are a small part of
                     the parameters (7% of the 8-layer benchmark model, 6% of a full-width block).
                     On the CPU everything is fp32
-    data            every process takes its own rows r*b/w .. (r+1)*b/w of the same global batch
+    data            every process takes its own rows p*b/w .. (p+1)*b/w of the same global batch
                     (`minijamba.training.data` batches are a pure function of seed and step)
     checkpoints     the full (unsharded) state is gathered to rank 0 on the CPU
                     (`get_model_state_dict` / `get_optimizer_state_dict` with full_state_dict) and
