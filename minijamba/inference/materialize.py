@@ -26,16 +26,11 @@ The caller's RNG state is restored afterwards.
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
 from minijamba.model.config import JambaConfig
-from minijamba.model.jamba import cast_parameters
-from minijamba.model.jamba import Jamba
-from minijamba.model.moe import Experts, SparseMoE
-from minijamba.model.norm import RMSNorm
+from minijamba.model.jamba import Jamba, cast_parameters, init_piece_, pieces
+from minijamba.model.moe import SparseMoE
 from minijamba.inference.quant import Int8Experts, check_quantize
 
 
@@ -53,51 +48,9 @@ def meta_model(config: JambaConfig, dtype=torch.bfloat16, quantize=None) -> Jamb
     return model
 
 
-def pieces(model: Jamba) -> list[tuple[str, nn.Module]]:
-    """The model in the order it is built: embedding, each decoder layer, final norm, LM head."""
-    out = [("embed_tokens", model.embed_tokens)]
-    out += [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
-    out += [("final_layernorm", model.final_layernorm)]
-    if not model.config.tie_word_embeddings:
-        out += [("lm_head", model.lm_head)]
-    return out
-
-
 def piece_seed(seed: int, index: int) -> int:
     """The RNG seed of piece `index` (its position in `pieces`) for a model seeded with `seed`."""
     return (seed * 1_000_003 + index * 7_919 + 1) % 2**63
-
-
-@torch.no_grad()
-def init_piece_(module: nn.Module, config: JambaConfig) -> None:
-    """Random weights for one piece, as `Jamba.reset_parameters` draws them, except that the experts
-    of an MoE layer are drawn one expert at a time (float and int8 experts alike)."""
-    std = config.initializer_range
-    out_std = std / math.sqrt(2 * config.num_hidden_layers)
-    if isinstance(module, (nn.Embedding, nn.Linear)):  # the embedding and the LM head
-        nn.init.normal_(module.weight, std=std)
-        return
-    for sub in module.modules():
-        if isinstance(sub, SparseMoE):
-            nn.init.normal_(sub.router.weight, std=std)
-            _init_experts_(sub.experts, std, out_std)
-        elif isinstance(sub, RMSNorm):
-            sub.reset_parameters()
-        elif isinstance(sub, (nn.Linear, nn.Conv1d, nn.Embedding, Experts, Int8Experts)):
-            continue  # initialised by the module that owns them
-        elif hasattr(sub, "reset_parameters"):
-            sub.reset_parameters(std=std, out_std=out_std)
-
-
-def _init_experts_(experts, std: float, out_std: float) -> None:
-    if isinstance(experts, Int8Experts):
-        experts.reset_parameters(std, out_std)  # float32 draws, quantized expert by expert
-        return
-    for i in range(experts.gate_up_proj.shape[0]):
-        shape_gu, shape_d = experts.gate_up_proj.shape[1:], experts.down_proj.shape[1:]
-        device = experts.gate_up_proj.device
-        experts.gate_up_proj[i].copy_(torch.empty(shape_gu, device=device).normal_(0, std))
-        experts.down_proj[i].copy_(torch.empty(shape_d, device=device).normal_(0, out_std))
 
 
 @torch.no_grad()

@@ -104,20 +104,9 @@ class Jamba(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) weights, output projections scaled down by sqrt(2 * layers)
-        (GPT-2's residual scaling), Mamba's own init for A, D and Δ, norms at 1."""
-        std = self.config.initializer_range
-        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        nn.init.normal_(self.embed_tokens.weight, std=std)
-        if not self.config.tie_word_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
-                    continue  # initialised by the module that owns them
-                if isinstance(module, RMSNorm):
-                    module.reset_parameters()
-                else:
-                    module.reset_parameters(std=std, out_std=out_std)
+        (GPT-2's residual scaling), Mamba's own init for A, D and Δ, norms at 1 (`init_piece_`)."""
+        for _, piece in pieces(self):
+            init_piece_(piece, self.config)
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameters in total, or active per token (only K of the n experts count)."""
@@ -179,3 +168,39 @@ class Jamba(nn.Module):
         if aux and self.config.router_aux_loss_coef > 0:
             loss = loss + self.config.router_aux_loss_coef * torch.stack(aux).mean()
         return logits, loss
+
+
+def pieces(model: Jamba) -> list[tuple[str, nn.Module]]:
+    """The model in the order it is built and initialised: embedding, each decoder layer, final
+    norm, LM head (none when tied: it is the embedding)."""
+
+    out = [("embed_tokens", model.embed_tokens)]
+    out += [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    out += [("final_layernorm", model.final_layernorm)]
+    if not model.config.tie_word_embeddings:
+        out += [("lm_head", model.lm_head)]
+    return out
+
+
+@torch.no_grad()
+def init_piece_(module: nn.Module, config: JambaConfig) -> None:
+    """Random weights for one piece (see `pieces`): normal(0, initializer_range), output projections
+    at that over sqrt(2 * layers). A module with `reset_parameters(std, out_std)` initialises
+    itself and what it holds (the experts one at a time, so that int8 experts are quantized as
+    they are drawn); RMSNorms start at 1; the walk goes down to such modules."""
+    std = config.initializer_range
+    out_std = std / math.sqrt(2 * config.num_hidden_layers)
+    if isinstance(module, (nn.Embedding, nn.Linear)):  # the embedding and the LM head
+        nn.init.normal_(module.weight, std=std)
+        return
+
+    def walk(m: nn.Module) -> None:
+        if isinstance(m, RMSNorm):
+            m.reset_parameters()
+        elif hasattr(m, "reset_parameters") and not isinstance(m, (nn.Linear, nn.Conv1d, nn.Embedding)):
+            m.reset_parameters(std=std, out_std=out_std)
+        else:
+            for child in m.children():
+                walk(child)
+
+    walk(module)

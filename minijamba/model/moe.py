@@ -98,6 +98,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, h))
         self.down_proj = nn.Parameter(torch.empty(E, h, f))
 
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, out_std: float = 0.02) -> None:
+        """Normal weights, drawn one expert at a time in float32 (as int8 experts draw theirs, so that
+        the same seed gives the same experts quantized or not)."""
+        for i in range(self.num_experts):
+            self.gate_up_proj[i].copy_(torch.empty_like(self.gate_up_proj[i], dtype=torch.float32).normal_(0, std))
+            self.down_proj[i].copy_(torch.empty_like(self.down_proj[i], dtype=torch.float32).normal_(0, out_std))
+
     def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Expert i on its tokens x (t_i, h) -> (t_i, h)."""
         gate, up = F.linear(x, self.gate_up_proj[i]).chunk(2, dim=-1)  # (t_i, f) each
@@ -137,8 +145,7 @@ class SparseMoE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, out_std: float = 0.02) -> None:
         nn.init.normal_(self.router.weight, std=std)
-        nn.init.normal_(self.experts.gate_up_proj, std=std)
-        nn.init.normal_(self.experts.down_proj, std=out_std)
+        self.experts.reset_parameters(std, out_std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (b, l, h) -> (b, l, h), and this layer's load-balancing loss (a scalar)."""
