@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import torch
 
+from minijamba.model import dispatch
+from minijamba.model.moe import Experts, experts_loop
 from minijamba.model.state import InferenceState, KVCache, MambaState
 
 
@@ -104,6 +106,12 @@ class DecodeStep:
             raise ValueError(f"CUDA graphs need the inference state on a CUDA device, it is on {device}")
         if not isinstance(bucket, int) or bucket <= 0:
             raise ValueError(f"bucket must be a positive number of tokens, got {bucket!r}")
+        if graph and _loops_over_experts(model):
+            raise ValueError(
+                f"scan backend {dispatch.get(model.config.scan_backend).name!r} runs the experts as a loop "
+                "that sizes each expert's tokens on the host, which a CUDA graph cannot capture: decode with a "
+                "fast backend (--fast, or scan_backend='triton'), int8 experts, or cuda_graph=False"
+            )
         self.model, self.state, self.graph, self.bucket = model, state, graph, bucket
         b = state.batch_size
         self.ids = torch.zeros(b, 1, dtype=torch.int64, device=device)  # the step's input    (b, 1)
@@ -177,3 +185,9 @@ class DecodeStep:
                 "sized on the host): decode in bfloat16, or pass cuda_graph=False"
             ) from e
         return graph, logits
+
+
+def _loops_over_experts(model) -> bool:
+    """Whether the model's float experts run as the reference's loop (which waits for the device)."""
+    has_experts = any(isinstance(m, Experts) for m in model.modules())
+    return has_experts and dispatch.get(model.config.scan_backend).experts is experts_loop
