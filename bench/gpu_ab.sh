@@ -10,6 +10,7 @@
 #   e2e      bench/gpu_e2e.py, the compiled rows' train, prefill and decode, before then after
 #
 #   bash bench/gpu_ab.sh tests decode        # $OUT receives one log and one JSON per step
+#   E2E_ONLY=compile_graphs_bf16 E2E_WHAT=train E2E_BUDGET=300 bash bench/gpu_ab.sh e2e   # a subset
 set -uo pipefail
 OUT=${OUT:-out/ab}
 mkdir -p "$OUT"
@@ -23,14 +24,14 @@ for phase in "$@"; do
       python3 .ab/after/bench/gpu_decode_batched.py --batches 1 16 64 --context 8192 \
         --out "$OUT/decode_batched.json" 2>&1 | tee "$OUT/decode_batched.log" ;;
     scan)
-      for tree in before after; do
+      for tree in ${SCAN_TREES:-before after}; do
         python3 .ab/$tree/bench/gpu_scan.py --lengths 2048,8192,32768 --backends triton --check-lengths 2048 \
           --out "$OUT/scan_$tree" 2>&1 | tail -25 | tee "$OUT/scan_$tree.log"
       done ;;
     e2e)
-      for tree in before after; do
-        python3 .ab/$tree/bench/gpu_e2e.py --only compile compile_graphs_bf16 --what train prefill decode \
-          --no-profile --budget 200 --out "$OUT/e2e_$tree.json" 2>&1 | tail -30 | tee "$OUT/e2e_$tree.log"
+      for tree in ${E2E_TREES:-before after}; do
+        python3 .ab/$tree/bench/gpu_e2e.py --only ${E2E_ONLY:-compile compile_graphs_bf16} --what ${E2E_WHAT:-train prefill decode} \
+          --no-profile --budget ${E2E_BUDGET:-200} --out "$OUT/e2e_$tree.json" 2>&1 | tail -30 | tee "$OUT/e2e_$tree.log"
       done ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
