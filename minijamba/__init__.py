@@ -1,5 +1,6 @@
 """minijamba: a readable Jamba (AI21, arXiv 2403.19887) in plain PyTorch, with an optional fast path."""
 
+from minijamba import kernels  # noqa: F401  (registers the fast side's backends with the dispatch point)
 from minijamba.model.config import JambaConfig
 from minijamba.inference.generation import generate
 from minijamba.model.jamba import Jamba
