@@ -118,3 +118,15 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert cycles == []
+
+
+def test_the_public_api_alone_knows_every_backend():
+    """`import minijamba` registers the fast side's backends: a fresh process that imports only the
+    public API can name them (the model package itself never imports the fast side)."""
+    import subprocess
+    import sys
+
+    code = ("from minijamba import Jamba, JambaConfig; from minijamba.model import dispatch; "
+            "print(sorted(dispatch.names())); Jamba(JambaConfig.from_preset('tiny', scan_backend='cpu'))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "['cpu', 'mamba_ssm', 'reference', 'triton']"
