@@ -140,30 +140,26 @@ def load(args, device, backend):
 def _load(args, folder, device, backend):
     import torch
 
-    from minijamba import checkpoint
-    from minijamba import tokenizer as tk
+    from minijamba.training import checkpoint
+    from minijamba.training import tokenizer as tk
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     quantize = "int8" if args.int8_experts else None
     if args.hf is None:
-        from minijamba.quant import quantize_model_
+        from minijamba.inference.quant import quantize_model_
 
         model, tok = checkpoint.load_model(folder, device=device, dtype=dtype, scan_backend=backend)
         return quantize_model_(model, quantize), tok  # NaN or inf weights were refused as they loaded
     from safetensors import SafetensorError
 
     from minijamba import load_hf
-    from minijamba.mamba import MambaMixer
 
     try:
         model = load_hf(folder, device=device, dtype=dtype, quantize=quantize)  # int8 as it loads
     except SafetensorError as e:
         raise ValueError(f"a weight file in {folder} is not valid safetensors ({e}): it is corrupt") from None
     tok = tk.load(folder / "tokenizer.json")
-    model.config.scan_backend = backend
-    for m in model.modules():
-        if isinstance(m, MambaMixer):
-            m.scan_backend = backend
+    model.config.scan_backend = backend  # every layer reads its backend from the one config
     return model.eval(), tok
 
 
@@ -215,16 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(parser, args)
     import torch
 
-    from minijamba import tokenizer as tk
-    from minijamba.checkpoint import CheckpointError
-    from minijamba.generation import generate_stream
-    from minijamba.memory_plan import DoesNotFit, available_bytes, check, plan
+    from minijamba.training import tokenizer as tk
+    from minijamba.training.checkpoint import CheckpointError
+    from minijamba.inference.generation import generate_stream
+    from minijamba.inference.memory_plan import DoesNotFit, available_bytes, check, plan
     from minijamba.runtime import resolve_device, scan_backend_for
-    from minijamba.state import plan_nbytes
+    from minijamba.model.state import plan_nbytes
 
     try:
         device = resolve_device(args.device)
-        model, tok = load(args, device, scan_backend_for(args.fast, training=False))
+        model, tok = load(args, device, scan_backend_for(args.fast))
         prompt = read_prompt(args)
         ids = tok.encode(prompt).ids
         if not ids:

@@ -9,7 +9,7 @@
     python train_tiny.py --fast --cuda-graphs --weights bf16      # a GPU's fastest: see README.md
     torchrun --nproc-per-node 2 train_tiny.py --out-dir out/two   # 2 GPUs (or CPU processes): FSDP2
 
-The training loop itself is minijamba/train.py; this script only turns flags into a TrainConfig.
+The training loop itself is minijamba/training/train.py; this script only turns flags into a TrainConfig.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import json
 import os
 import sys
 
-from minijamba.config import LAYOUTS, PRESETS
-from minijamba.train import DEFAULT_BATCH, EVALS_PER_RUN, TASKS, WEIGHTS, TrainConfig
+from minijamba.model.config import LAYOUTS, PRESETS
+from minijamba.training.train import DEFAULT_BATCH, EVALS_PER_RUN, TASKS, WEIGHTS, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -227,9 +227,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from minijamba import distributed
-    from minijamba.checkpoint import CheckpointError
-    from minijamba.train import RUNTIME_FIELDS, NonFiniteLoss, train
+    from minijamba.training import distributed
+    from minijamba.training.checkpoint import CheckpointError
+    from minijamba.training.train import RUNTIME_FIELDS, NonFiniteLoss, train
 
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 prints (errors: every rank)
     who = "train_tiny.py" + (f" (rank {rank})" if distributed.launched_by_torchrun() else "")

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-PATH = Path(__file__).resolve().parents[1] / "minijamba" / "backends" / "triton_conv.py"
+PATH = Path(__file__).resolve().parents[1] / "minijamba" / "kernels" / "triton_conv.py"
 
 
 def main(argv: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""CPU decoding with a torch.compile-d step (minijamba.cuda_graph.DecodeStep(graph=False, compile=True))
+"""CPU decoding with a torch.compile-d step (minijamba.inference.cuda_graph.DecodeStep(graph=False, compile=True))
 against the same graph-ready step run eagerly, on the 15m config of cpu_vs_transformers.py, same weights.
 
     python bench/cpu_decode_compile.py [15m|8.5m|8.5m-narrow]
@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "bench"))
 import cpu_vs_transformers as B
-from minijamba.cuda_graph import DecodeStep
-from minijamba.generation import prefill
+from minijamba.inference.cuda_graph import DecodeStep
+from minijamba.inference.generation import prefill
 torch.set_num_threads(2)
 name = sys.argv[1] if len(sys.argv) > 1 else "15m"
 config = B.ours_config(name)

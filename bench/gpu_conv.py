@@ -4,7 +4,7 @@ causal-conv1d's CUDA kernel (`causal_conv1d_fn`, when that package is installed)
 bf16, k=4, SiLU fused, bias, at the shapes of the model's Mamba layers: b=4, d=2048, l=2048
 (training), b=1, d=2048, l=16384 (prefill) and b=1, d=4096, l=32768. x is what the model hands
 the conv: a contiguous (b, d, l) tensor, stride 1 along l (the projection writes it time-last,
-minijamba.layout); --x-layout strided times the layout before that, a (b, d, l) view of a
+minijamba.kernels.time_last); --x-layout strided times the layout before that, a (b, d, l) view of a
 (b, l, 2d) tensor, stride 1 along d. For each shape and
 implementation: the forward without gradients, and forward + backward (gradients of x, weight and
 bias), against the bytes that must move (forward: read x, write y; backward: read x and dy, write
@@ -40,7 +40,7 @@ DTYPE, K = torch.bfloat16, 4
 SHAPES = {"training": (4, 2048, 2048), "prefill": (1, 2048, 16384), "long": (1, 4096, 32768)}
 SMOKE_SHAPES = {"smoke": (2, 16, 37)}  # causal-conv1d's channel-last kernel wants d % 8 == 0
 # Launch shapes to sweep (BLOCK_L, BLOCK_D, warps): wide in d for the strided layout (stride 1 on d),
-# long in l for the time-last one (stride 1 on l), which the model passes since minijamba.layout.
+# long in l for the time-last one (stride 1 on l), which the model passes since minijamba.kernels.time_last.
 FWD_TILES = [(32, 64, 4), (64, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 4), (64, 32, 2), (128, 128, 8),
              (256, 8, 4), (256, 16, 4), (512, 8, 4), (128, 16, 4), (256, 32, 8)]  # fmt: skip
 BWD_TILES = [  # (BLOCK_L, BLOCK_D, warps, PROGRAMS)
@@ -105,7 +105,7 @@ X_LAYOUT = "time-last"  # --x-layout
 
 def make_inputs(b, d, l, device, seed=0):
     """x as the model passes it, bf16 taps and bias scaled like the initialised conv's, and an output
-    gradient. x: time-last, a contiguous (b, d, l) tensor (the model since minijamba.layout), or
+    gradient. x: time-last, a contiguous (b, d, l) tensor (the model since minijamba.kernels.time_last), or
     strided, a view of a (b, l, 2d) tensor (the model before it)."""
     g = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
@@ -118,8 +118,8 @@ def make_inputs(b, d, l, device, seed=0):
 
 def implementations():
     """name -> conv(x, weight, bias) with SiLU, for what this machine has."""
-    from minijamba.backends import triton_conv
-    from minijamba.mamba import causal_conv1d
+    from minijamba.kernels import triton_conv
+    from minijamba.model.ssm import causal_conv1d
 
     impls = {
         "triton": lambda x, w, b: triton_conv.causal_conv1d(x, w, b, silu=True),
@@ -165,7 +165,7 @@ def check(impls, name, shape, device, log):
 
 def sweep(impls, shape, device, log):
     """Launch shapes at one shape; triton_conv.CONFIG (and PROGRAMS) become the fastest."""
-    from minijamba.backends import triton_conv
+    from minijamba.kernels import triton_conv
 
     inp = make_inputs(*shape, device)
     fwd, bwd = {}, {}
@@ -190,7 +190,7 @@ def sweep(impls, shape, device, log):
 def compile_check(device, log):
     """torch.compile(fullgraph=True) through the triton op (fwd+bwd), then a MambaMixer on the
     triton backend."""
-    from minijamba.backends import triton_conv
+    from minijamba.kernels import triton_conv
 
     inp = make_inputs(2, 256, 300, device, seed=3)
 
@@ -205,7 +205,7 @@ def compile_check(device, log):
         log(f"  compile: conv fwd+bwd FAILED {type(e).__name__}: {str(e)[:300]}")
     try:
         from minijamba import JambaConfig
-        from minijamba.mamba import MambaMixer
+        from minijamba.model.mamba import MambaMixer
 
         mixer = MambaMixer(JambaConfig.from_preset("tiny", hidden_size=128, scan_backend="triton")).to(device)
         mixer.reset_parameters()
@@ -224,7 +224,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="first time Triton launch shapes (at --sweep-shape)")
     ap.add_argument("--sweep-shape", default="long", choices=list(SHAPES), help="the shape the sweep times")
     ap.add_argument("--x-layout", default="time-last", choices=["time-last", "strided"],
-                    help="how x is laid out: as the model passes it now (time-last), or before minijamba.layout")
+                    help="how x is laid out: as the model passes it now (time-last), or before minijamba.kernels.time_last")
     ap.add_argument("--compile-check", action="store_true", help="also check torch.compile(fullgraph=True)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; on a CPU, in Triton's interpreter")
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"), help="folder for gpu_conv.json")
@@ -244,7 +244,7 @@ def main(argv=None):
         lines.append(s)
 
     impls = implementations()
-    from minijamba.backends import triton_conv
+    from minijamba.kernels import triton_conv
 
     shapes = SMOKE_SHAPES if args.smoke else {n: SHAPES[n] for n in args.shapes.split(",")}
     name = torch.cuda.get_device_name() if gpu else "CPU (Triton interpreter)"

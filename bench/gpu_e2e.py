@@ -14,14 +14,14 @@ one implementation at a time, each model built fresh for each measurement:
               inference cache, logits of the last position only (what generation does)
     decode    tokens/s of greedy decoding at batch 1 after a 1K-token prompt, bf16 weights, steady
               state (after warm-up steps; a graph's capture is in the warm-up). minijamba: CUDA graph
-              replays (minijamba.cuda_graph), and also its ordinary eager step ("no graph");
+              replays (minijamba.inference.cuda_graph), and also its ordinary eager step ("no graph");
               transformers: its forward with its cache in a plain loop (generate() adds overhead)
     memory    peak allocated GPU memory of each measurement, weights and optimizer included
 
 Implementations (rows):
 
-    minijamba --fast            the scan backend --fast picks (backends.best_available(): to train,
-                                train_tiny.py's choice; to prefill and decode, generate.py's), eager PyTorch
+    minijamba --fast            the scan backend --fast picks (backends.best_available(), the same
+                                for train_tiny.py and generate.py), eager PyTorch
     minijamba --fast, bf16 weights   the same, trained with bf16 weights as transformers is (train only)
     minijamba triton            our Triton scan kernels, eager PyTorch
     minijamba mamba_ssm         mamba-ssm's scan kernels, eager PyTorch (train and prefill)
@@ -66,9 +66,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minijamba import Jamba, JambaConfig, backends
-from minijamba.cuda_graph import DecodeStep
-from minijamba.hf import cast_parameters
+from minijamba import Jamba, JambaConfig, kernels as backends
+from minijamba.inference.cuda_graph import DecodeStep
+from minijamba.model.jamba import cast_parameters
 from minijamba.runtime import scan_backend_for
 
 CONFIG = dict(
@@ -141,7 +141,7 @@ def meta(args, device) -> dict:
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         sizes=SIZES["smoke" if args.smoke else "full"], backends_available=backends.available(),
-        fast_backend=dict(training=backends.best_available(), inference=backends.best_available(training=False)),
+        fast_backend=backends.best_available(),
         config=SMOKE_CONFIG if args.smoke else CONFIG,
     )  # fmt: skip
     for name in ("mamba_ssm", "causal_conv1d", "triton"):
@@ -159,7 +159,7 @@ def meta(args, device) -> dict:
 
 def config_for(args, backend: str | None = None, training: bool = True) -> JambaConfig:
     if backend == "fast":  # what --fast picks: train_tiny.py's choice to train, generate.py's to infer
-        backend = scan_backend_for(True, training=training)
+        backend = scan_backend_for(True)
     if args.smoke and backend in ("triton", "mamba_ssm"):
         backend = "reference"  # no GPU: the triton rows check their code path with the reference scan
     return JambaConfig(**(SMOKE_CONFIG if args.smoke else CONFIG), scan_backend=backend)

@@ -13,13 +13,13 @@ Models (Jamba-v0.1's layout, l=8 a:m=1:7 e=2 n=16 K=2, untied embeddings):
              moments (16 bytes per parameter, 213 GB) do not fit one GPU; sharded over 2 they are half
 
 Modes, each timed the same way (warm-up steps, then timed steps of what one step of
-minijamba.train does: bf16 autocast forward with the loss, backward, gradient clipping, AdamW):
+minijamba.training.train does: bf16 autocast forward with the loss, backward, gradient clipping, AdamW):
 
     single   each process alone, no sharding: what train_tiny.py runs on one GPU (fp32 weights,
              bf16 autocast)
     fsdp1    each process alone, FSDP2 over a one-process mesh (bf16 parameters, fp32 gradient
              reduction): the sharding code with nothing to shard, to separate its overhead
-    fsdp     FSDP2 over all w processes (minijamba.distributed.shard, as the loop under torchrun):
+    fsdp     FSDP2 over all w processes (minijamba.training.distributed.shard, as the loop under torchrun):
              the global batch is w times the per-GPU batch
 
 In `single` and `fsdp1` every GPU runs its own copy at the same time, so the 1-GPU numbers come
@@ -53,11 +53,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minijamba import distributed  # noqa: E402
-from minijamba.config import JambaConfig  # noqa: E402
-from minijamba.model import Jamba  # noqa: E402
+from minijamba.training import distributed  # noqa: E402
+from minijamba.model.config import JambaConfig  # noqa: E402
+from minijamba.model.jamba import Jamba  # noqa: E402
 from minijamba.runtime import dist_info, scan_backend_for  # noqa: E402
-from minijamba.train import TrainConfig, make_optimizer  # noqa: E402
+from minijamba.training.train import TrainConfig, make_optimizer  # noqa: E402
 
 GiB = 2**30
 MODELS = {

@@ -1,7 +1,7 @@
 """All 52B of Jamba-v0.1 on one GPU: int8 experts, seeded random weights, chunked prefill (issue 7).
 
 Four measurements, one per `--measure`, each made on a model built straight onto the GPU with
-`minijamba.materialize.build` (no checkpoint needed: the weights are seeded random numbers, which
+`minijamba.inference.materialize.build` (no checkpoint needed: the weights are seeded random numbers, which
 time exactly like real ones, except that routing is uniform-ish):
 
     longest   the contexts given, in increasing order: prefill in chunks, then decode a few tokens;
@@ -42,11 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minijamba import JambaConfig  # noqa: E402
-from minijamba.cuda_graph import DecodeStep  # noqa: E402
-from minijamba.generation import prefill  # noqa: E402
-from minijamba.materialize import build  # noqa: E402
-from minijamba.memory_plan import GiB, available_bytes, largest_context, plan  # noqa: E402
-from minijamba.quant import KERNEL_ENV, int8_kernel  # noqa: E402
+from minijamba.inference.cuda_graph import DecodeStep  # noqa: E402
+from minijamba.inference.generation import prefill  # noqa: E402
+from minijamba.inference.materialize import build  # noqa: E402
+from minijamba.inference.memory_plan import GiB, available_bytes, largest_context, plan  # noqa: E402
+from minijamba.inference.quant import KERNEL_ENV, int8_kernel  # noqa: E402
 
 DEFAULT_CONTEXTS = {
     "longest": [131072, 262144, 524288, 1048576],

@@ -16,6 +16,7 @@ forward+backward at 32K needs more memory than an 80 GB card has: the table then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +28,9 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minijamba import backends  # noqa: E402
-from minijamba.backends import triton_scan, triton_step  # noqa: E402
+from minijamba import kernels as backends  # noqa: E402
+from minijamba.model import dispatch  # noqa: E402
+from minijamba.kernels import triton_scan, triton_step  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -107,8 +109,9 @@ def add_backend_from_file(name, path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     # (the decoding step is ours: it lives in triton_step.py, which the copies do not vary)
-    backends._CACHE[name] = backends.Backend(name, mod.selective_scan, triton_step.selective_state_update,
-                                             *backends.get("reference")[3:])  # fmt: skip
+    dispatch.register(name, lambda: dataclasses.replace(
+        backends.get("triton"), name=name, selective_scan=mod.selective_scan,
+        selective_state_update=triton_step.selective_state_update))  # fmt: skip
 
 
 def check(names, b, d, n, l, log):
@@ -311,7 +314,7 @@ def compile_check(log):
         log(f"  compile: decoding step FAILED {type(e).__name__}: {str(e)[:300]}")
     try:
         from minijamba import JambaConfig
-        from minijamba.mamba import MambaMixer
+        from minijamba.model.mamba import MambaMixer
 
         cfg = JambaConfig.from_preset("tiny", hidden_size=128, scan_backend="triton")
         mixer = MambaMixer(cfg).cuda()
@@ -371,7 +374,8 @@ def main():
     for spec in args.extra:  # NAME=PATH: another version of triton_scan.py, timed beside ours
         name, path = spec.split("=", 1)
         add_backend_from_file(name, path)
-    names = [nm for nm in args.backends.split(",") if nm in backends._CACHE or backends.why_unavailable(nm) is None]
+    extra = {nm for nm in dispatch.names() if nm not in backends.INSTALL_HINT and nm not in ("reference", "cpu")}
+    names = [nm for nm in args.backends.split(",") if nm in extra or backends.why_unavailable(nm) is None]
     for nm in set(args.backends.split(",")) - set(names):
         log(f"skipping {nm}: {backends.why_unavailable(nm)}")
     b, d, n = args.b, args.d, args.n

@@ -2,7 +2,7 @@
 against transformers' training step measured in the same run (issue 5, point 2).
 
 bench/gpu_e2e.py times one optimizer step in a harness: random token ids, no gradient clipping, no
-loss read back. This script runs `minijamba.train.train`, the loop train_tiny.py runs, as a user
+loss read back. This script runs `minijamba.training.train.train`, the loop train_tiny.py runs, as a user
 runs it: BPE-tokenized text, the learning-rate schedule, gradient clipping, the non-finite check
 (the loss and the gradient norm read back: a sync each step), a validation at the start and the
 end, a checkpoint. Its tokens/s is the one train_tiny.py prints: steady state, the warm-up steps
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpu_e2e  # noqa: E402
 
-from minijamba.train import TrainConfig, train  # noqa: E402
+from minijamba.training.train import TrainConfig, train  # noqa: E402
 
 ROWS = {  # key: (label, TrainConfig fields)
     "fp32": ("train_tiny.py --fast --compile", dict(compile=True)),

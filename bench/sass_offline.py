@@ -130,13 +130,13 @@ def shuffles_by_line(cubin: Path) -> collections.Counter:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["fwd", "fwd_train", "bwd"], help="which kernel (a CONFIG key)")
-    ap.add_argument("--file", type=Path, default=ROOT / "minijamba" / "backends" / "triton_scan.py")
+    ap.add_argument("--file", type=Path, default=ROOT / "minijamba" / "kernels" / "triton_scan.py")
     ap.add_argument("--ti", type=int, help="steps per thread (default: CONFIG's)")
     ap.add_argument("--warps", type=int, help="warps per program (default: CONFIG's)")
     ap.add_argument("--out", type=Path, default=Path("out/sass"), help="folder for the .ptx, .ttgir, .sass")
     args = ap.parse_args(argv)
     if not args.file.is_file():
-        raise SystemExit(f"--file {args.file}: no such file (a copy of minijamba/backends/triton_scan.py)")
+        raise SystemExit(f"--file {args.file}: no such file (a copy of minijamba/kernels/triton_scan.py)")
     import triton
 
     kernel, cfg = compile_kernel(args.file, args.which, args.ti, args.warps)

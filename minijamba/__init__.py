@@ -1,9 +1,10 @@
 """minijamba: a readable Jamba (AI21, arXiv 2403.19887) in plain PyTorch, with an optional fast path."""
 
-from minijamba.config import JambaConfig
-from minijamba.generation import generate
-from minijamba.model import Jamba
-from minijamba.state import InferenceState
+from minijamba import kernels  # noqa: F401  (registers the fast side's backends with the dispatch point)
+from minijamba.model.config import JambaConfig
+from minijamba.inference.generation import generate
+from minijamba.model.jamba import Jamba
+from minijamba.model.state import InferenceState
 
 
 def load_hf(*args, **kwargs):

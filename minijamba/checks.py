@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
-_CHUNK = 2**24  # elements checked at a time: the isfinite mask of a 52B model's largest tensor would be GBs
+_CHUNK = 2**20  # elements checked at a time: a whole tensor's isfinite temporaries would cost as much as a shard
 
 
 def check_finite(
@@ -32,8 +32,8 @@ def check_finite(
         if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
             continue
         flat = t.detach().reshape(-1)
-        finite = all(bool(torch.isfinite(part).all()) for part in flat.split(_CHUNK))
-        if not finite:
+        finite = torch.stack([torch.isfinite(part).all() for part in flat.split(_CHUNK)])  # one sync a tensor
+        if not bool(finite.all()):
             raise ValueError(
                 f"{source}: tensor {name} holds NaN or inf: the weights are corrupt (or the run that wrote "
                 "them diverged)"

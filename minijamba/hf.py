@@ -33,7 +33,7 @@ Loading is built for models larger than host memory (the 52B Jamba-v0.1 onto a G
                 tensor into its parameter, allocated on `device` in `dtype` when first needed; a fused
                 expert parameter is filled expert by expert, so experts may straddle shards
     4. finish   a parameter whose last slice has arrived goes through `_finish_parameter`. With
-                quantize='int8' the experts are `minijamba.quant.Int8Experts` from the start and each
+                quantize='int8' the experts are `minijamba.inference.quant.Int8Experts` from the start and each
                 expert tensor is quantized on `device` the moment it is read (scales are per row, so
                 gate, up and down quantize on their own): the experts never exist in 16 bits, and
                 the full-precision model never has to fit on the device
@@ -60,14 +60,13 @@ import torch
 from torch import nn
 
 from minijamba import atomic
-from minijamba.config import JambaConfig
-from minijamba.model import Jamba
+from minijamba.model.config import JambaConfig
+from minijamba.model.jamba import FLOAT32_PARAMS, Jamba, cast_parameters, keeps_float32 as _fp32  # noqa: F401
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-QUANTIZE_MODES = (None, "int8")  # `quantize` values load_hf accepts (see minijamba.quant)
-FLOAT32_PARAMS = ("A_log", "D", "dt_proj.bias")  # kept in float32 whatever dtype (see above)
+QUANTIZE_MODES = (None, "int8")  # `quantize` values load_hf accepts (see minijamba.inference.quant)
 
 _PER_EXPERT = re.compile(  # layers.{i}.feed_forward.experts.{j}.{gate,up,down}_proj.weight
     r"^(layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
@@ -87,18 +86,6 @@ def _file_key(name: str) -> str:
 
 def _model_name(key: str) -> str:
     return key[len("model.") :] if key.startswith("model.") else key
-
-
-def _fp32(name: str) -> bool:
-    return any(name == s or name.endswith("." + s) for s in FLOAT32_PARAMS)
-
-
-def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`model` with its parameters in `dtype`, but FLOAT32_PARAMS (A_log, D, the Δ bias) in float32,
-    as `load_hf` holds them (see above). In place; returns the model."""
-    for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if _fp32(name) else dtype)
-    return model
 
 
 def _listing(names: list[str]) -> str:
@@ -285,7 +272,7 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     device: where the parameters are created, directly (the model never sits in host memory whole).
     dtype: of the parameters; None = the dtype the checkpoint stores its embedding in. A_log, D and
         dt_proj.bias are float32 whatever this is.
-    quantize: None, or 'int8' for int8 weight-only experts (minijamba.quant), quantized as they load;
+    quantize: None, or 'int8' for int8 weight-only experts (minijamba.inference.quant), quantized as they load;
         everything else (Mamba layers included) stays in `dtype`.
 
     With `tie_word_embeddings` the LM head is the embedding, and an `lm_head.weight` in the files
@@ -333,8 +320,8 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
         model = Jamba(config)  # 2. build: no memory, no initialisation
     int8 = {}  # experts module name -> Int8Experts on `device`, filled as the tensors arrive
     if quantize == "int8":
-        from minijamba.moe import Experts
-        from minijamba.quant import Int8Experts
+        from minijamba.model.moe import Experts
+        from minijamba.inference.quant import Int8Experts
 
         for name, module in list(model.named_modules()):
             if isinstance(module, Experts):

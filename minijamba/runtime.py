@@ -28,17 +28,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def scan_backend_for(fast: bool, compile: bool = False, training: bool = True) -> str | None:
-    """The one place `--fast` becomes a scan backend: the best one available here for a model
-    trained or only run forward, eagerly or under torch.compile (`backends.best_available`), else
-    the reference. Without --fast: None (the MINIJAMBA_SCAN_BACKEND environment variable, else the
-    reference)."""
+def scan_backend_for(fast: bool) -> str | None:
+    """The one place `--fast` becomes a scan backend: the best one available here
+    (`kernels.best_available`), else the reference. Without --fast: None (the
+    MINIJAMBA_SCAN_BACKEND environment variable, else the reference)."""
     if not fast:
         return None
-    from minijamba import backends
+    from minijamba import kernels
 
-    best = getattr(backends, "best_available", None)
-    return best(compile=compile, training=training) if best is not None else "reference"
+    return kernels.best_available()
 
 
 def dist_info() -> tuple[int, int]:

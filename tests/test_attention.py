@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from helpers import MODEL_RTOL, assert_close, float_dtypes, gen, seeds
 from minijamba import InferenceState, JambaConfig
-from minijamba.attention import Attention
+from minijamba.model.attention import Attention
 
 
 @st.composite

@@ -17,7 +17,7 @@ import os
 import torch
 
 GPU = torch.cuda.is_available()
-if not GPU:  # must precede the first import of minijamba.backends.triton_scan
+if not GPU:  # must precede the first import of minijamba.kernels.triton_scan
     os.environ["TRITON_INTERPRET"] = "1"
 
 import subprocess  # noqa: E402
@@ -28,8 +28,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from helpers import assert_close, gen, seeds  # noqa: E402
-from minijamba import backends  # noqa: E402
-from minijamba.ssm import selective_scan_sequential, selective_state_update  # noqa: E402
+from minijamba import kernels as backends  # noqa: E402
+from minijamba.model.ssm import selective_scan_sequential, selective_state_update  # noqa: E402
 
 DEVICE = "cuda" if GPU else "cpu"
 # Relative to the reference's largest value. The kernels compute in float32: float32 inputs agree
@@ -45,9 +45,9 @@ def _small_launches_in_the_interpreter():
     if GPU or "triton" not in FAST:
         yield
         return
-    from minijamba.backends import triton_ops, triton_scan, triton_step
+    from minijamba.kernels import custom_ops, triton_scan, triton_step
 
-    if not triton_ops.interpreting():
+    if not custom_ops.interpreting():
         pytest.skip("triton_scan was imported before TRITON_INTERPRET=1 was set in this process")
     saved, saved_step = dict(triton_scan.CONFIG), dict(triton_step.CONFIG)
     small = dict(TI=2, TT=2, num_warps=1)  # chunks of 4 steps: 2 threads of 2 steps
@@ -146,7 +146,7 @@ def test_forward_and_backward_may_chunk_differently(fwd_tt, bwd_tt, monkeypatch)
     start on a thread's run is a clear error."""
     if "triton" not in FAST:
         pytest.skip("needs the triton backend")
-    from minijamba.backends import triton_scan
+    from minijamba.kernels import triton_scan
 
     def tile(k):  # k threads under the interpreter; k warps of 32 threads on a GPU
         return dict(TI=2, TT=k, num_warps=1) if not GPU else dict(TI=8, TT=32 * k, num_warps=k)
@@ -249,25 +249,22 @@ def test_reference_is_always_available_and_fast_picks_an_available_one():
     best = backends.best_available()
     assert best in backends.available()
     if not GPU:
-        assert best == "reference"  # the interpreter is for tests, never for speed
+        assert best == "cpu"  # the interpreter is for tests, never for speed
     assert backends.get("fast").name == best
-    assert backends.best_available(compile=True) in backends.available()
     if GPU and "triton" in FAST:
-        assert backends.best_available(compile=True) == "triton"  # torch.compile sees through it
-        assert backends.best_available(training=False) == "triton"  # the faster forward (RESULTS.md)
-        assert best == "triton"  # also the faster forward + backward, for training (RESULTS.md)
+        assert best == "triton"  # faster forward and backward, and torch.compile sees through it (RESULTS.md)
     elif GPU and "mamba_ssm" in FAST:
         assert best == "mamba_ssm"  # the fallback where Triton is not installed
     from minijamba.runtime import scan_backend_for
 
-    assert scan_backend_for(True, training=False) == backends.best_available(training=False)
+    assert scan_backend_for(True) == backends.best_available()
     assert scan_backend_for(False) is None  # no --fast: the environment variable, else the reference
 
 
 def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     if "triton" not in FAST or GPU:
         pytest.skip("needs the triton backend on a CPU machine")
-    from minijamba.backends import triton_scan
+    from minijamba.kernels import triton_scan
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     a = inputs(1, 2, 2, 3, 6, torch.float32)
@@ -277,9 +274,44 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
 
 def test_command_line_listing():
     out = subprocess.run(
-        [sys.executable, "-m", "minijamba.backends"], capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "minijamba.kernels"], capture_output=True, text=True, check=True,
         env={**os.environ, "TRITON_INTERPRET": "0"},
     ).stdout  # fmt: skip
     for name in backends.names():
         assert name in out
-    assert f"--fast picks: {backends.best_available() if GPU else 'reference'}" in out
+    assert f"--fast picks: {backends.best_available() if GPU else 'cpu'}" in out
+
+
+# --- every primitive, through the model -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_the_model_on_each_backend_equals_the_reference(name):
+    """The whole model, every primitive at once (scan, decoding step, conv, the projections into and
+    out of time-last, the experts): the logits, the gradient of every parameter, and a cached
+    decoding step, against the reference backend."""
+    from minijamba import Jamba, JambaConfig
+
+    def build(backend):
+        config = JambaConfig.from_preset("tiny", vocab_size=64, hidden_size=16, intermediate_size=16,
+                                         num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                                         attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4,
+                                         mamba_dt_rank=2, scan_backend=backend)  # fmt: skip
+        torch.manual_seed(0)
+        return Jamba(config).to(DEVICE)
+
+    ref, fast = build("reference"), build(name)
+    ids = torch.randint(0, 64, (2, 9), generator=gen(1)).to(DEVICE)
+    _, loss_ref = ref(ids, targets=ids)
+    _, loss = fast(ids, targets=ids)
+    loss_ref.backward()
+    loss.backward()
+    assert_close(loss.detach().cpu(), loss_ref.detach().cpu(), 1e-5, f"{name} loss")
+    for (pname, p_ref), (_, p) in zip(ref.named_parameters(), fast.named_parameters()):
+        assert_close(p.grad.cpu(), p_ref.grad.cpu(), 1e-3, f"{name} d{pname}")
+    with torch.no_grad():
+        states = [m.new_state(2, 10) for m in (ref, fast)]
+        for m, s in zip((ref, fast), states):
+            m(ids, state=s)
+        step = [m(ids[:, :1], state=s) for m, s in zip((ref, fast), states)]
+    assert_close(step[1].cpu(), step[0].cpu(), 1e-4, f"{name} decoding step")

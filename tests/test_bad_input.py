@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from test_cli import ENV, ROOT, SMALL, TINY, generate, one_error_line, snapshot, train_tiny, trained  # noqa: F401
 from minijamba import Jamba, JambaConfig, checks, load_hf, save_hf
-from minijamba import checkpoint as ckpt_mod
-from minijamba.generation import generate as lib_generate
-from minijamba.generation import generate_stream, sample
-from minijamba.memory_plan import DoesNotFit, check_training, largest_batch, training_plan
+from minijamba.training import checkpoint as ckpt_mod
+from minijamba.inference.generation import generate as lib_generate
+from minijamba.inference.materialize import from_preset
+from minijamba.inference.generation import generate_stream, sample
+from minijamba.inference.memory_plan import DoesNotFit, check_training, largest_batch, training_plan
 
 BIG = str(10**18)
 TRAIN_INT = ["--vocab-size", "--seq-len", "--seed", "--max-steps", "--stop-after", "--batch-size", "--warmup-steps",
@@ -413,6 +414,6 @@ def test_training_plan_grows_with_every_size():
 
 def test_library_from_preset_seed():
     with pytest.raises(ValueError, match="seed must be an integer"):
-        Jamba.from_preset("tiny", device="meta", seed=-1)
+        from_preset("tiny", device="meta", seed=-1)
     with pytest.raises(ValueError, match="seed must be an integer"):
-        Jamba.from_preset("tiny", device="meta", seed=2**64)
+        from_preset("tiny", device="meta", seed=2**64)

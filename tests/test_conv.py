@@ -12,6 +12,7 @@ Shapes: x, y (b, d, l); weight (d, k); bias (d,); context (b, d, k-1).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -25,9 +26,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from helpers import MODEL_RTOL, assert_close, gen, mamba_sizes, seeds
-from minijamba import JambaConfig, backends
-from minijamba.mamba import MambaMixer, causal_conv1d
-from minijamba.state import MambaState
+from minijamba import JambaConfig, kernels as backends
+from minijamba.model.mamba import MambaMixer
+from minijamba.model.ssm import causal_conv1d
+from minijamba.model.state import MambaState
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -65,9 +67,9 @@ def _interpreter_like_the_gpu():
         return
     from triton.runtime.interpreter import InterpreterBuilder
 
-    from minijamba.backends import triton_conv, triton_ops
+    from minijamba.kernels import custom_ops, triton_conv
 
-    if not triton_ops.interpreting():
+    if not custom_ops.interpreting():
         pytest.skip("triton_conv was imported before TRITON_INTERPRET=1 was set in this process")
     saved, programs = dict(triton_conv.CONFIG), triton_conv.PROGRAMS
     trunc = InterpreterBuilder.create_fp_trunc
@@ -87,7 +89,7 @@ def conv_inputs(b, d, l, k, seed, dtype, use=("bias", "context"), layout="contig
     dtype), so that the float64 reference sees exactly the backend's inputs. None where not in `use`.
 
     layout 'contiguous': a plain (b, d, l) tensor, time-last, as in_proj's output reaches the conv
-    (minijamba.layout); 'strided': a (b, d, l) view of a (b, l, 2d) tensor, stride 1 along d, as it
+    (minijamba.kernels.time_last); 'strided': a (b, d, l) view of a (b, l, 2d) tensor, stride 1 along d, as it
     reached the conv before that (any strides must work)."""
     g = gen(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).double()  # noqa: E731
@@ -240,7 +242,7 @@ def test_bf16_rounding_points_match_the_reference(b, d, l, k, seed):
 @needs_triton
 def test_empty_sequence_and_the_mamba_ssm_backend():
     """l = 0 gives an empty output; the mamba_ssm backend's conv is our Triton conv."""
-    from minijamba.backends import mamba_ssm
+    from minijamba.kernels import mamba_ssm
 
     a = conv_inputs(2, 3, 7, 4, 5, torch.float32)
     x, w, bias, context = (a[n].float().to(DEVICE) for n in ("x", "weight", "bias", "context"))
@@ -273,7 +275,7 @@ def test_bad_inputs_are_a_clear_error(change, match):
 def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     if not TRITON or GPU:
         pytest.skip("needs the triton backend on a CPU machine")
-    from minijamba.backends import triton_conv
+    from minijamba.kernels import triton_conv
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA tensors"):
@@ -315,7 +317,7 @@ def old_conv(mixer):
 @contextlib.contextmanager
 def through(conv):
     """Inside: every Mamba layer's conv goes through `conv`, with the reference scan."""
-    backend = backends.get("reference")._replace(name="patched", causal_conv1d=conv)
+    backend = dataclasses.replace(backends.get("reference"), name="patched", causal_conv1d=conv)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backends, "get", lambda name=None: backend)
         yield

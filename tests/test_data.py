@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minijamba import tokenizer as tk
-from minijamba.data import (
+from minijamba.training import tokenizer as tk
+from minijamba.training.data import (
     IGNORE,
     STDLIB_MAX_BYTES,
     MQARSpec,

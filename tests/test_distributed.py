@@ -1,4 +1,4 @@
-"""Training on several processes (minijamba.distributed) on the CPU: two processes on the gloo
+"""Training on several processes (minijamba.training.distributed) on the CPU: two processes on the gloo
 backend, started by torchrun as a user would (`python -m torch.distributed.run --standalone`:
 loopback only, a port the OS picks, a timeout), running the same train_tiny.py.
 
@@ -28,9 +28,9 @@ import pytest
 import torch
 
 from minijamba import JambaConfig
-from minijamba.checkpoint import load_model
-from minijamba.distributed import checkpoint_layers
-from minijamba.model import Jamba
+from minijamba.training.checkpoint import load_model
+from minijamba.training.distributed import checkpoint_layers
+from minijamba.model.jamba import Jamba
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed here")
 
@@ -216,8 +216,8 @@ def test_gpu_precision_policy_runs_on_a_one_process_cpu_group():
     master weights, gradients, AdamW moments and the gathered checkpoint stay fp32."""
     import torch.distributed as dist
 
-    from minijamba import distributed
-    from minijamba.train import TrainConfig, make_optimizer
+    from minijamba.training import distributed
+    from minijamba.training.train import TrainConfig, make_optimizer
 
     config = JambaConfig.from_preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=64)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from helpers import gen, left_pad, make_model, seeds, small_configs
 from minijamba import JambaConfig, generate
-from minijamba.generation import generate_stream, sample
+from minijamba.inference.generation import generate_stream, sample
 
 
 def argmax_loop(model, ids, n):

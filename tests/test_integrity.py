@@ -24,10 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file, save_file
 
 from helpers import small_configs
-from minijamba import Jamba, JambaConfig, atomic, checkpoint, distributed, load_hf, save_hf
+from minijamba import Jamba, JambaConfig, atomic, load_hf, save_hf
+from minijamba.training import checkpoint
+from minijamba.training import distributed
 from minijamba import hf as hfmod
-from minijamba import train as train_mod
-from minijamba.train import NonFiniteLoss, TrainConfig, train
+from minijamba.training import train as train_mod
+from minijamba.training.train import NonFiniteLoss, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -589,7 +591,7 @@ def nothing_built(monkeypatch):
         raise AssertionError("a model was built")
 
     monkeypatch.setattr(hfmod, "Jamba", refuse)
-    monkeypatch.setattr("minijamba.model.Jamba", refuse)
+    monkeypatch.setattr("minijamba.model.jamba.Jamba", refuse)
 
 
 @pytest.mark.parametrize("change, needle", [

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import RTOL, assert_close, gen, seeds
-from minijamba.layout import LinearFromTimeLast, LinearToTimeLast, linear_from_time_last, linear_to_time_last
+from minijamba.kernels import time_last
+from minijamba.kernels.time_last import linear_from_time_last, linear_to_time_last
+from minijamba.model import mamba
 
 
 @st.composite
@@ -117,35 +119,35 @@ def test_compiles_without_a_graph_break():
     assert_close(dw, ew, 1e-6, "dw")
 
 
-@settings(max_examples=20, deadline=None)
-@given(linear_case(), st.integers(1, 3))
-def test_the_modules_are_linears_with_the_layouts_of_the_functions(c, chunks):
-    """Same parameters and state_dict as nn.Linear; LinearToTimeLast's chunks split the output
-    features in order, each contiguous; LinearFromTimeLast reads x time-last."""
+@settings(max_examples=30, deadline=None)
+@given(linear_case(), st.booleans())
+def test_the_twins_equal_the_dispatch_references(c, bias):
+    """The fast side's to_time_last / from_time_last equal the reference primitives in values and
+    gradients, for a sequence and for one token per row (where they take the plain matmul)."""
     x, _, _, _ = _tensors(c, torch.float64)
-    o = c["o"] * chunks
-    to = LinearToTimeLast(c["i"], o, bias=c["bias"], chunks=chunks).double()
-    plain = torch.nn.Linear(c["i"], o, bias=c["bias"]).double()
-    plain.load_state_dict(to.state_dict())  # the same names and shapes
-    outs = to(x)
-    assert isinstance(outs, tuple) and len(outs) == chunks
-    for got, expected in zip(outs, plain(x).chunk(chunks, dim=-1)):
-        assert got.is_contiguous() and got.shape == (c["b"], c["o"], c["l"])
-        assert_close(rearrange(got, "b o l -> b l o"), expected, RTOL[torch.float64], "chunk")
-    frm = LinearFromTimeLast(c["i"], o, bias=c["bias"]).double()
-    plain.load_state_dict(frm.state_dict())
-    got = frm(rearrange(x, "b l i -> b i l").contiguous())
-    assert_close(got, plain(x), RTOL[torch.float64], "from time-last")
+    lin = torch.nn.Linear(c["i"], c["o"], bias=c["bias"]).double()
+    for fast, ref, inp in (
+        (lambda l, v: time_last.to_time_last(l, v, bias), lambda l, v: mamba.to_time_last(l, v, bias), x),
+        (time_last.from_time_last, mamba.from_time_last, rearrange(x, "b l i -> b i l").contiguous()),
+    ):
+        a = inp.clone().requires_grad_()
+        b = inp.clone().requires_grad_()
+        got, expected = fast(lin, a), ref(lin, b)
+        assert got.shape == expected.shape
+        assert_close(got, expected, RTOL[torch.float64], "y")
+        dy = torch.randn_like(got)
+        ga = torch.autograd.grad(got, [a, lin.weight], dy)
+        gb = torch.autograd.grad(expected, [b, lin.weight], dy)
+        for u, v in zip(ga, gb):
+            assert_close(u, v, RTOL[torch.float64], "grad")
 
 
-def test_forward_hooks_see_the_module_calls():
-    seen = []
-    m = LinearToTimeLast(3, 4, chunks=2)
-    m.register_forward_hook(lambda mod, inp, out: seen.append((tuple(inp[0].shape), [tuple(t.shape) for t in out])))
-    m(torch.zeros(2, 5, 3))
-    assert seen == [((2, 5, 3), [(2, 2, 5), (2, 2, 5)])]
-
-
-def test_chunks_must_divide_the_output_features():
-    with pytest.raises(ValueError, match="chunks must divide out_features = 5, got 2"):
-        LinearToTimeLast(3, 5, chunks=2)
+def test_a_decoding_step_uses_the_plain_matmul(monkeypatch):
+    """One token per row never takes the batched matmul over a broadcast weight (it would read the
+    weight once per row): the twin then calls the Linear itself."""
+    calls = []
+    monkeypatch.setattr(time_last._Linear, "apply", lambda *a: calls.append(a))
+    lin = torch.nn.Linear(3, 4)
+    assert time_last.to_time_last(lin, torch.zeros(5, 1, 3)).shape == (5, 4, 1)
+    assert time_last.from_time_last(lin, torch.zeros(5, 3, 1)).shape == (5, 1, 4)
+    assert calls == []

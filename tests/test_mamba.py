@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from helpers import MODEL_RTOL, assert_close, float_dtypes, gen, mamba_sizes, seeds
 from minijamba import JambaConfig
-from minijamba.mamba import MambaMixer
-from minijamba.ssm import selective_scan_sequential
-from minijamba.state import MambaState
+from minijamba.model.mamba import MambaMixer
+from minijamba.model.ssm import selective_scan_sequential
+from minijamba.model.state import MambaState
 
 
 @st.composite
@@ -48,13 +48,13 @@ def rand_x(b, l, h, seed, dtype):
 @given(mixers(dtype=torch.float64), st.integers(1, 3), st.integers(1, 12), seeds)
 def test_forward_matches_the_data_flow(mm, b, l, seed):
     """The mixer == its data flow written out with plain ops: F.linear with each projection's
-    weights in the time-first layout (no minijamba.layout), the padded nn.Conv1d cut to l outputs
-    (Mamba's causal conv), the Δ/B/C norms, softplus(Δ + bias), the sequential scan."""
+    weights in the time-first layout (no minijamba.kernels.time_last), nn.Conv1d over the input with k-1 zeros
+    before it (Mamba's causal conv), the Δ/B/C norms, softplus(Δ + bias), the sequential scan."""
     mixer, config, dtype = mm
     x = rand_x(b, l, config.hidden_size, seed, dtype)
     lin = lambda t, m, bias=True: F.linear(t, m.weight, m.bias if bias else None)  # noqa: E731
     xs, z = lin(x, mixer.in_proj).chunk(2, dim=-1)  # (b, l, d) each
-    u = F.silu(mixer.conv1d(xs.transpose(1, 2))[..., :l])  # (b, d, l)
+    u = F.silu(mixer.conv1d(F.pad(xs.transpose(1, 2), (mixer.k - 1, 0))))  # (b, d, l), causal: k-1 zeros before
     dt, B, C = lin(u.transpose(1, 2), mixer.x_proj).split([mixer.r, mixer.n, mixer.n], dim=-1)
     dt = lin(mixer.dt_layernorm(dt), mixer.dt_proj)  # (b, l, d), bias included
     y = selective_scan_sequential(

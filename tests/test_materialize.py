@@ -1,4 +1,4 @@
-"""Building without host memory (minijamba.materialize) and loading shard by shard (minijamba.hf):
+"""Building without host memory (minijamba.inference.materialize) and loading shard by shard (minijamba.hf):
 seeded weights deterministic per piece, int8 experts exactly the quantized float ones, quantized
 checkpoints in and out of load_hf/save_hf, and peak host memory measured in a subprocess."""
 
@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from helpers import gen
 from minijamba import Jamba, JambaConfig, generate, load_hf, save_hf
-from minijamba.materialize import build, meta_model, pieces
-from minijamba.quant import Int8Experts, quantize_model_
+from minijamba.inference.materialize import build, from_preset, meta_model, pieces
+from minijamba.inference.quant import Int8Experts, quantize_model_
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,10 +74,7 @@ def test_build_dtype_layout_and_pieces():
     ]  # tied: no lm_head
     ids = torch.randint(0, 4096, (1, 5), generator=gen(0))
     assert generate(model, ids, 3).shape == (1, 8)
-    assert (
-        Jamba.from_preset("tiny", dtype=torch.float32, seed=2, num_hidden_layers=2).config.num_hidden_layers
-        == 2
-    )
+    assert from_preset("tiny", dtype=torch.float32, seed=2, num_hidden_layers=2).config.num_hidden_layers == 2
 
 
 def test_jamba_v01_on_the_meta_device():
@@ -133,7 +130,7 @@ def test_a_quantized_model_saves_as_floats_and_loads_back(tmp_path):
 MEASURE = r"""
 import json, sys, torch
 from minijamba import JambaConfig, load_hf
-from minijamba.materialize import build
+from minijamba.inference.materialize import build
 
 def status(key):  # bytes, from /proc/self/status
     with open("/proc/self/status") as fh:

@@ -1,4 +1,4 @@
-"""The memory plan (minijamba.memory_plan): exact for weights and state, Table 1 of the paper, the
+"""The memory plan (minijamba.inference.memory_plan): exact for weights and state, Table 1 of the paper, the
 refusal and its largest context, activations that follow the chunk and not the context."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minijamba import InferenceState, JambaConfig
-from minijamba.materialize import build
-from minijamba.memory_plan import GiB, DoesNotFit, check, largest_context, plan, with_context
-from minijamba.state import plan_nbytes
+from minijamba.inference.materialize import build
+from minijamba.inference.memory_plan import GiB, DoesNotFit, check, largest_context, plan, with_context
+from minijamba.model.state import plan_nbytes
 
 from helpers import small_configs
 

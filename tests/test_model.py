@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from helpers import MODEL_RTOL, assert_close, float_dtypes, gen, left_pad, make_model, seeds, small_configs
 from minijamba import InferenceState, Jamba, JambaConfig
-from minijamba.attention import Attention
-from minijamba.mamba import MambaMixer
-from minijamba.moe import MLP, SparseMoE
-from minijamba.state import KVCache, MambaState, plan_nbytes
+from minijamba.model.attention import Attention
+from minijamba.model.mamba import MambaMixer
+from minijamba.model.moe import MLP, SparseMoE
+from minijamba.model.state import KVCache, MambaState, plan_nbytes
 
 
 def ids_for(config, b, l, seed):

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from helpers import MODEL_RTOL, RTOL, assert_close, gen, make_model, seeds, small_configs
 from minijamba import JambaConfig
-from minijamba.moe import MLP, Experts, Router, SparseMoE, experts_loop, load_balancing_loss
+from minijamba.kernels.moe_dispatch import experts_grouped
+from minijamba.model.moe import MLP, Experts, Router, SparseMoE, experts_loop, load_balancing_loss
 
 
 def moe_config(h=4, f=4, n=4, K=2) -> JambaConfig:
@@ -91,7 +92,7 @@ def test_batched_experts_equal_loop(c):
     experts, x, weights, idx = make_experts(c)
     params = [x, weights, experts.gate_up_proj, experts.down_proj]
     y_loop = experts_loop(experts, x, weights, idx)
-    y = experts(x, weights, idx)
+    y = experts_grouped(experts, x, weights, idx)  # the fast twin (minijamba.kernels.moe_dispatch)
     tol = RTOL[c["dtype"]] * (4 if c["dtype"] == torch.bfloat16 else 10)
     assert y.dtype == x.dtype
     assert_close(y, y_loop, tol, "outputs")
@@ -107,9 +108,9 @@ def test_batched_experts_equal_loop(c):
 def test_experts_with_no_tokens_at_all():
     c = dict(t=1, h=4, f=4, n=3, K=1, used=1, seed=0, dtype=torch.float32)
     experts, x, weights, idx = make_experts(c, requires_grad=False)
-    empty = experts(x[:0], weights[:0], idx[:0])
-    assert empty.shape == (0, 4)
-    assert_close(experts(x, weights, idx), experts_loop(experts, x, weights, idx), 1e-6, "one token")
+    for run in (experts, lambda *a: experts_grouped(experts, *a)):
+        assert run(x[:0], weights[:0], idx[:0]).shape == (0, 4)
+    assert_close(experts_grouped(experts, x, weights, idx), experts_loop(experts, x, weights, idx), 1e-6, "one token")
 
 
 @settings(max_examples=25, deadline=None)
@@ -220,9 +221,10 @@ def test_model_loss_includes_the_aux_loss(config, seed, l):
     assert torch.equal(loss0, ce)  # exactly the cross-entropy
     g_without = torch.autograd.grad(loss0, routers)
     for a, b, c in zip(g_with, g_without, g_aux):  # the router is trained by the aux loss too
-        # The router's softmax runs in fp32: the difference of the two gradients is fp32-accurate.
+        # The router's softmax runs in fp32: the difference of the two gradients is accurate to a few
+        # fp32 steps of the probabilities (which are O(1)), whatever the gradients' own size.
         err = (a - b - 0.25 * c).abs().max().item()
-        assert err <= 1e-6 * max(a.abs().max().item(), 0.1), f"router gradient from the aux loss: {err:.3g}"
+        assert err <= 1e-6 * max(a.abs().max().item(), 1.0), f"router gradient from the aux loss: {err:.3g}"
 
 
 @settings(max_examples=10, deadline=None)

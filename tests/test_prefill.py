@@ -1,4 +1,4 @@
-"""Chunked prefill (minijamba.generation.prefill): any chunk size gives the logits and the inference
+"""Chunked prefill (minijamba.inference.generation.prefill): any chunk size gives the logits and the inference
 state that one-piece prefill gives, and the attention fast path (no padding: a bottom-right causal
 bias instead of a mask) equals the masked path.
 
@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minijamba import JambaConfig, generate
-from minijamba.generation import prefill
-from minijamba.materialize import build
-from minijamba.state import KVCache
+from minijamba.inference.generation import prefill
+from minijamba.inference.materialize import build
+from minijamba.model.state import KVCache
 
 from helpers import MODEL_RTOL, assert_close, gen, left_pad, make_model, seeds, small_configs
 

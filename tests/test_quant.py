@@ -1,4 +1,4 @@
-"""int8 weight-only experts (minijamba.quant): the rounding bound, the experts against their
+"""int8 weight-only experts (minijamba.inference.quant): the rounding bound, the experts against their
 dequantized float twin, whole models against float32, and quantized checkpoints.
 
 Bounds measured when these tests were written (float32, CPU):
@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from minijamba import JambaConfig, generate
-from minijamba.materialize import build, meta_model
-from minijamba.moe import Experts, SparseMoE, experts_loop
-from minijamba.quant import Int8Experts, check_quantize, quantize_model_, quantize_rows
+from minijamba.inference.materialize import build, meta_model
+from minijamba.model.moe import Experts, SparseMoE, experts_loop
+from minijamba.inference.quant import Int8Experts, check_quantize, quantize_model_, quantize_rows
 
 from helpers import assert_close, gen, make_model, seeds, small_configs
 

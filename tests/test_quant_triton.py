@@ -1,4 +1,4 @@
-"""The Triton grouped int8 matmul (minijamba.quant_triton) computes what the reference computes.
+"""The Triton grouped int8 matmul (minijamba.kernels.int8_matmul) computes what the reference computes.
 
 On a CPU-only machine (CI) the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set below
 before the kernel is defined), in float32 and float16: the interpreter's bfloat16 tl.dot is wrong
@@ -13,7 +13,7 @@ import os
 import torch
 
 GPU = torch.cuda.is_available()
-if not GPU:  # must precede the first import of minijamba.quant_triton
+if not GPU:  # must precede the first import of minijamba.kernels.int8_matmul
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -22,10 +22,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 from helpers import assert_close, gen, seeds  # noqa: E402
 from minijamba import JambaConfig  # noqa: E402
-from minijamba.materialize import build  # noqa: E402
-from minijamba.quant import KERNEL_ENV, grouped_int8_linear_reference, int8_kernel, quantize_rows  # noqa: E402
+from minijamba.inference.materialize import build  # noqa: E402
+from minijamba.inference.quant import KERNEL_ENV, grouped_int8_linear_reference, int8_kernel, quantize_rows  # noqa: E402
 
-triton_kernel = pytest.importorskip("minijamba.quant_triton")
+triton_kernel = pytest.importorskip("minijamba.kernels.int8_matmul")
 DEVICE = "cuda" if GPU else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 # float32 accumulates in float32 on both sides (the kernel with IEEE products); 16-bit outputs are

@@ -1,9 +1,10 @@
-"""The chunked parallel scan: every chunk length gives the sequential reference's result.
+"""The chunked parallel scans: every chunk length gives the sequential reference's result.
 
-`selective_scan` cuts time into chunks whose length it picks from the tensor sizes (CHUNK_BYTES), so
-the small tensors of the other tests all fit in one chunk. Here the chunk length is forced to every
-value from 1 to l, so the hand-off of the state from chunk to chunk (forward) and of the gradient
-from chunk to chunk (backward) is exercised too. Plus the two in-place scans on their own.
+The reference `selective_scan` (minijamba.model.ssm) and its CPU twin with a hand-written backward
+(minijamba.kernels.chunked_scan) cut time into chunks whose length they pick from the tensor sizes
+(CHUNK_BYTES), so the small tensors of the other tests all fit in one chunk. Here the chunk length is
+forced to every value from 1 to l, so the hand-off of the state from chunk to chunk (forward) and of
+the gradient from chunk to chunk (backward) is exercised too. Plus the scans on their own.
 """
 
 from __future__ import annotations
@@ -15,27 +16,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import RTOL, assert_close, gen, seeds
-from minijamba import ssm
+from minijamba.kernels import chunked_scan
+from minijamba.model import ssm
+
+SCANS = {"reference": ssm, "cpu": chunked_scan}  # module -> its selective_scan, which calls chunk_len
 
 
 @contextlib.contextmanager
-def chunk_length(T: int):
-    """Make selective_scan use chunks of T steps (CHUNK_BYTES is read at every call)."""
-    saved = ssm._chunk_len
-    ssm._chunk_len = lambda *args: T
+def chunk_length(module, T: int):
+    """Make module.selective_scan use chunks of T steps."""
+    saved = module.chunk_len
+    module.chunk_len = lambda *args: T
     try:
         yield
     finally:
-        ssm._chunk_len = saved
+        module.chunk_len = saved
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     b=st.integers(1, 2), d=st.integers(1, 4), n=st.integers(1, 4), l=st.integers(1, 13),
     chunk=st.integers(1, 14), with_h0=st.booleans(), with_dz=st.booleans(), seed=seeds,
-    dtype=st.sampled_from([torch.float64, torch.float32]),
+    dtype=st.sampled_from([torch.float64, torch.float32]), scan=st.sampled_from(sorted(SCANS)),
 )  # fmt: skip
-def test_every_chunk_length_equals_sequential(b, d, n, l, chunk, with_h0, with_dz, seed, dtype):
+def test_every_chunk_length_equals_sequential(b, d, n, l, chunk, with_h0, with_dz, seed, dtype, scan):
+    module = SCANS[scan]
     g = gen(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()  # noqa: E731
     args = dict(
@@ -44,8 +49,8 @@ def test_every_chunk_length_equals_sequential(b, d, n, l, chunk, with_h0, with_d
         delta_bias=r(d), initial_state=r(b, d, n) if with_h0 else None,
     )  # fmt: skip
     y_seq, h_seq = ssm.selective_scan_sequential(**args, delta_softplus=True, return_last_state=True)
-    with chunk_length(chunk):
-        y_par, h_par = ssm.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    with chunk_length(module, chunk):
+        y_par, h_par = module.selective_scan(**args, delta_softplus=True, return_last_state=True)
     tol = RTOL[dtype]
     assert_close(y_par, y_seq, tol, "y")
     assert_close(h_par, h_seq, tol, "last state")
@@ -54,8 +59,8 @@ def test_every_chunk_length_equals_sequential(b, d, n, l, chunk, with_h0, with_d
     ch = torch.randn(h_seq.shape, generator=g, dtype=torch.float64).to(h_seq.dtype)
     names = [k for k, v in args.items() if v is not None]
     grads_seq = torch.autograd.grad((y_seq * cy).sum() + (h_seq * ch).sum(), [args[k] for k in names])
-    with chunk_length(chunk):
-        y_par, h_par = ssm.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    with chunk_length(module, chunk):
+        y_par, h_par = module.selective_scan(**args, delta_softplus=True, return_last_state=True)
     grads_par = torch.autograd.grad((y_par * cy).sum() + (h_par * ch).sum(), [args[k] for k in names])
     for k, gs, gp in zip(names, grads_seq, grads_par):
         assert_close(gp, gs, 10 * tol, f"d/d{k}")
@@ -83,15 +88,17 @@ def test_in_place_scans_equal_loops(l, reverse, seed):
     a = torch.rand(2, l, 3, 2, generator=g, dtype=torch.float64)
     x = torch.randn(2, l, 3, 2, generator=g, dtype=torch.float64)
     h = x.clone()
-    (ssm._scan_reverse_ if reverse else ssm._scan_)(a.clone(), h)
+    (chunked_scan._scan_reverse_ if reverse else chunked_scan._scan_)(a.clone(), h)
     assert_close(h, _loop(a, x, reverse), 1e-12, "scan")
+    if not reverse and l:  # the reference's out-of-place scan
+        assert_close(ssm._scan(a, x), _loop(a, x, False), 1e-12, "out-of-place scan")
 
 
 def test_chunk_length_fits_the_cache_on_cpu():
     """Chunks of (b, T, d, n) are about CHUNK_BYTES on a CPU, at least one step, at most the sequence."""
     cpu = torch.device("cpu")
-    T = ssm._chunk_len(8, 512, 16, 256, cpu, 4)
+    T = ssm.chunk_len(8, 512, 16, 256, cpu, 4)
     assert 1 <= T <= 256 and T * 8 * 512 * 16 * 4 <= ssm.CHUNK_BYTES
-    assert ssm._chunk_len(1, 8, 4, 5, cpu, 4) == 5  # tiny: the whole sequence is one chunk
-    assert ssm._chunk_len(64, 8192, 16, 100, cpu, 4) == 1  # huge: one step per chunk
-    assert ssm._chunk_len(8, 512, 16, 256, torch.device("meta"), 4) == 256  # off the CPU: one chunk
+    assert ssm.chunk_len(1, 8, 4, 5, cpu, 4) == 5  # tiny: the whole sequence is one chunk
+    assert ssm.chunk_len(64, 8192, 16, 100, cpu, 4) == 1  # huge: one step per chunk
+    assert ssm.chunk_len(8, 512, 16, 256, torch.device("meta"), 4) == 256  # off the CPU: one chunk

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import RTOL, assert_close, gen, seeds
-from minijamba.ssm import selective_scan, selective_scan_sequential, selective_state_update
+from minijamba.model.ssm import selective_scan, selective_scan_sequential, selective_state_update
 
 OPTIONAL = ("D", "z", "delta_bias", "initial_state")
 

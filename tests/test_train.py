@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minijamba import checkpoint
-from minijamba.model import Jamba
-from minijamba.train import NonFiniteLoss, TrainConfig, lr_at, train
+from minijamba.training import checkpoint
+from minijamba.model.jamba import Jamba
+from minijamba.training.train import NonFiniteLoss, TrainConfig, lr_at, train
 
 # A very small Jamba that keeps the tiny preset's layout (8 layers, 1:7, MoE every 2, top-2).
 TINY = dict(

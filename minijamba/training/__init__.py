@@ -1,0 +1,1 @@
+"""Training a model: the loop, its schedule, data and tokenizer, checkpoints, several processes, plots."""
