@@ -80,8 +80,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--fast",
         action="store_true",
-        help="use the fastest selective-scan backend available here, else the reference; on a GPU, "
-        "also replay each decoding step as one CUDA graph",
+        help="run the model's primitives on the fastest backend here instead of the plain reference "
+        "(a GPU's Triton kernels, a CPU's cpu twins); on a GPU, also replay each decoding step as one CUDA graph",
     )
     p.add_argument(
         "--compile",

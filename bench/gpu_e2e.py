@@ -207,7 +207,7 @@ def build_transformers(args, sd, device, dtype):
     except (RuntimeError, ValueError, KeyError):
         import tempfile
 
-        from minijamba.hf import save_hf
+        from minijamba import save_hf
 
         with tempfile.TemporaryDirectory() as tmp:
             save_hf(build_minijamba(args, sd, "cpu", "reference", torch.float32), Path(tmp) / "ckpt")

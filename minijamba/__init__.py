@@ -15,8 +15,8 @@ def load_hf(*args, **kwargs):
 
 
 def save_hf(*args, **kwargs):
-    """Write a folder transformers' JambaForCausalLM loads; see `minijamba.hf.save_hf`."""
-    from minijamba.hf import save_hf as _save_hf
+    """Write a folder transformers' JambaForCausalLM loads; see `minijamba.hf_save.save_hf`."""
+    from minijamba.hf_save import save_hf as _save_hf
 
     return _save_hf(*args, **kwargs)
 

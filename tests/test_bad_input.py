@@ -26,7 +26,8 @@ from minijamba.training import checkpoint as ckpt_mod
 from minijamba.inference.generation import generate as lib_generate
 from minijamba.inference.materialize import from_preset
 from minijamba.inference.generation import generate_stream, sample
-from minijamba.inference.memory_plan import DoesNotFit, check_training, largest_batch, training_plan
+from minijamba.inference.memory_plan import DoesNotFit
+from minijamba.training.memory_plan import check_training, largest_batch, training_plan
 
 BIG = str(10**18)
 TRAIN_INT = ["--vocab-size", "--seq-len", "--seed", "--max-steps", "--stop-after", "--batch-size", "--warmup-steps",

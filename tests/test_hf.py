@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import MODEL_RTOL, assert_close
 from minijamba import Jamba, JambaConfig, generate, load_hf, save_hf
-from minijamba import hf as hfmod
+from minijamba import hf_save
 
 RTOL = MODEL_RTOL[torch.float32]  # 1e-4: fp32, relative to the largest logit
 NEW_TOKENS = 20
@@ -298,13 +298,13 @@ def test_save_hf_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
 
 
 def test_max_shard_size_parsing():
-    assert hfmod._parse_size("5GB") == 5 * 10**9
-    assert hfmod._parse_size("2GiB") == 2 * 2**30
-    assert hfmod._parse_size("500kb") == 500_000
-    assert hfmod._parse_size(1234) == 1234
+    assert hf_save._parse_size("5GB") == 5 * 10**9
+    assert hf_save._parse_size("2GiB") == 2 * 2**30
+    assert hf_save._parse_size("500kb") == 500_000
+    assert hf_save._parse_size(1234) == 1234
     for bad in ("five GB", 0, -3, "0MB", "12 XB"):
         with pytest.raises(ValueError, match="max_shard_size"):
-            hfmod._parse_size(bad)
+            hf_save._parse_size(bad)
 
 
 # ------------------------------------------------------------------------------------------------

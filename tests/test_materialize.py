@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import gen
-from minijamba import Jamba, JambaConfig, generate, load_hf, save_hf
+from minijamba import JambaConfig, generate, load_hf, save_hf
 from minijamba.inference.materialize import build, from_preset, meta_model, pieces
 from minijamba.inference.quant import Int8Experts, quantize_model_
 

@@ -34,7 +34,6 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
-import torch
 
 ENV_VAR = "MINIJAMBA_SCAN_BACKEND"
 
