@@ -3,7 +3,7 @@
 Glossary (the project's letters, see the README's glossary):
 
     b   batch                       l   sequence length (tokens in this call)
-    d   Mamba inner width (D)       N   SSM state size
+    d   Mamba inner width (D)       n   SSM state size (N)
     h   model width                 t   tokens of a call, b * l
     i   a Linear's input features   o   its output features
     K   experts each token goes to

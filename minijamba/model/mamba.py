@@ -14,7 +14,7 @@ Data flow, for input x (b, l, h):
 
     in_proj         x -> (xs, z)                       two (b, d, l) streams: the signal and the gate
     conv1d + SiLU   xs -> u                            depthwise causal conv over time, width k
-                                                       (`causal_conv1d`, through the scan backend)
+                                                       (`causal_conv1d`, through the dispatch point)
     x_proj          u -> (Δ_low, B, C)                 (b, l, r), (b, l, n), (b, l, n)
     RMSNorm         Δ_low, B, C each normalised        Jamba's addition (paper section 6.4): without
                                                        it, large-scale training showed loss spikes
@@ -24,8 +24,12 @@ Data flow, for input x (b, l, h):
     out_proj        y -> (b, l, h)
 
 Between in_proj and out_proj every stream is time-last, (b, d, l) and (b, n, l), the layout the
-conv and the scan read; the projections write and read that layout directly (`minijamba.kernels.time_last`),
-so no stream is copied to transpose it.
+conv and the scan read. The projections into and out of it are primitives of the dispatch point
+(`to_time_last`, `from_time_last` below: a plain Linear and a rearrange); the fast side's twins
+write and read the layout inside the matmul, so that no stream is copied to transpose it.
+
+Every primitive (the scan, the decoding step, the conv, the projections) comes from
+`dispatch.get(config.scan_backend)`; the layer never branches on which backend it got.
 
 With an inference state the same path continues from where the last call stopped: the convolution
 sees the last k-1 inputs of the previous call and the scan starts from the saved state h. A single
