@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -109,3 +110,35 @@ def check_fields(obj, name_of=lambda field: field) -> None:
         want = type_problem(value, hints[f.name])
         if want is not None:
             raise ValueError(f"{name_of(f.name)} must be {want}, got {value!r}")
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_size(config, shapes: dict[str, tuple], config_path, weights) -> None:
+    """Raise ValueError, before anything is built, when `config` (a JambaConfig) describes a model far larger than
+    the tensors `shapes` (name -> shape, from the file headers) hold: more than twice their
+    parameters (plus 2^20), or more than twice their layers (plus 16). Building such a model only
+    to list what is missing could take hours or overflow; a smaller disagreement goes on to the
+    detailed listing of missing, unexpected and misshapen tensors."""
+    planned, layers = config.num_parameters(), config.num_hidden_layers  # arithmetic: nothing is built
+    held = sum(
+        _numel(shape) for key, shape in shapes.items()
+        if not (config.tie_word_embeddings and key == "lm_head.weight")
+    )  # fmt: skip
+    held_layers = 1 + max((int(m.group(1)) for m in map(_LAYER.search, shapes) if m), default=-1)
+    if planned == held:
+        return
+    if planned > 2 * held + 2**20 or layers > 2 * held_layers + 16:
+        raise ValueError(
+            f"{config_path} describes a model of {layers:,} layers and {planned:,} parameters, but the "
+            f"weights ({weights}) hold {held_layers:,} layers and {held:,} parameters: the config.json does "
+            "not belong to these weights (nothing was built)"
+        )
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out

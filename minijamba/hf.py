@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from minijamba import atomic
+from minijamba.checks import check_size
 from minijamba.model.config import JambaConfig
 from minijamba.model.jamba import FLOAT32_PARAMS, Jamba, cast_parameters, keeps_float32 as _fp32  # noqa: F401
 
@@ -213,36 +214,6 @@ def _read_config(folder: Path) -> JambaConfig:
 
 # ------------------------------------------------------------------------------------------------
 # the size a config describes, planned before anything is built
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def check_size(config: JambaConfig, shapes: dict[str, tuple], config_path, weights) -> None:
-    """Raise ValueError, before anything is built, when `config` describes a model far larger than
-    the tensors `shapes` (name -> shape, from the file headers) hold: more than twice their
-    parameters (plus 2^20), or more than twice their layers (plus 16). Building such a model only
-    to list what is missing could take hours or overflow; a smaller disagreement goes on to the
-    detailed listing of missing, unexpected and misshapen tensors."""
-    planned, layers = config.num_parameters(), config.num_hidden_layers  # arithmetic: nothing is built
-    held = sum(
-        _numel(shape) for key, shape in shapes.items()
-        if not (config.tie_word_embeddings and key == "lm_head.weight")
-    )  # fmt: skip
-    held_layers = 1 + max((int(m.group(1)) for m in map(_LAYER.search, shapes) if m), default=-1)
-    if planned == held:
-        return
-    if planned > 2 * held + 2**20 or layers > 2 * held_layers + 16:
-        raise ValueError(
-            f"{config_path} describes a model of {layers:,} layers and {planned:,} parameters, but the "
-            f"weights ({weights}) hold {held_layers:,} layers and {held:,} parameters: the config.json does "
-            "not belong to these weights (nothing was built)"
-        )
-
-
-def _numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
 
 
 def _check_quantize(quantize) -> None:
@@ -282,13 +253,25 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     are not floating point, a config far larger than the weights (all before anything is built), and
     listing the missing, unexpected or misshapen tensors. Returns the model in eval mode.
     """
-    from safetensors import safe_open
-
     _check_quantize(quantize)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-    folder = Path(path)
-    device = torch.device(device)
+    folder, device = Path(path), torch.device(device)
+    config, files = _open_folder(folder)
+    headers = _read_headers(folder, config, files)  # 1. plan: headers only, the size by arithmetic
+    model, int8 = _meta_model(config, device, quantize)  # 2. build: no memory, no initialisation
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied head listed once
+    plan, stored_dtype = _plan(folder, config, files, headers, shapes)
+    dtype = dtype or stored_dtype or torch.float32
+    _fill(model, files, plan, shapes, int8, dtype, device, quantize)  # 3. fill; 4. finish each parameter
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.check_finite(folder)  # NaN or inf weights: refused as they load, like a corrupt file
+    return model.eval()
+
+
+def _open_folder(folder: Path) -> tuple[JambaConfig, list[Path]]:
+    """The folder's config and weight files, after putting back a save that a crash interrupted."""
     atomic.recover(folder)  # a save_hf interrupted between its two renames: put the old folder back
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder)")
@@ -296,10 +279,14 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
         raise FileNotFoundError(
             f"{folder / CONFIG_NAME} does not exist: a checkpoint folder needs its config.json"
         )
-    config = _read_config(folder)
-    files = _weight_files(folder)
+    return _read_config(folder), _weight_files(folder)
 
-    # 1. plan: headers only; the model's size from the config by arithmetic, before it is built.
+
+def _read_headers(folder: Path, config: JambaConfig, files: list[Path]) -> dict[Path, list[tuple[str, tuple, str]]]:
+    """(key, shape, dtype) of every tensor of every file, from the headers alone; refuses tensors that
+    are not floating point and a config far larger than the files hold, before anything is built."""
+    from safetensors import safe_open
+
     headers: dict[Path, list[tuple[str, tuple, str]]] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
@@ -315,19 +302,30 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
         )
     check_size(config, {key: shape for file in files for key, shape, _ in headers[file]},
                folder / CONFIG_NAME, ", ".join(f.name for f in files))  # fmt: skip
+    return headers
+
+
+def _meta_model(config: JambaConfig, device: torch.device, quantize) -> tuple[Jamba, dict]:
+    """The model on the meta device, and with quantize='int8' its experts as `Int8Experts` on
+    `device` (experts module name -> Int8Experts), to be filled as the tensors arrive."""
     with torch.device("meta"):
-        model = Jamba(config)  # 2. build: no memory, no initialisation
-    int8 = {}  # experts module name -> Int8Experts on `device`, filled as the tensors arrive
+        model = Jamba(config)
+    int8 = {}
     if quantize == "int8":
-        from minijamba.model.moe import Experts
         from minijamba.inference.quant import Int8Experts
+        from minijamba.model.moe import Experts
 
         for name, module in list(model.named_modules()):
             if isinstance(module, Experts):
                 parent, _, attr = name.rpartition(".")
                 int8[name] = Int8Experts(config, device=device)
                 setattr(model.get_submodule(parent), attr, int8[name])
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied head listed once
+    return model, int8
+
+
+def _plan(folder, config, files, headers, shapes) -> tuple[dict[Path, list[_Piece]], torch.dtype | None]:
+    """Where each tensor of the files goes (file -> its pieces), and the dtype the embedding is stored
+    in; a ValueError listing the missing, unexpected, misshapen and repeated tensors."""
     plan: dict[Path, list[_Piece]] = {f: [] for f in files}
     have: dict[str, frozenset] = {name: frozenset() for name in shapes}
     unexpected, misshapen, twice = [], [], []
@@ -361,9 +359,14 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
             f"the tensors in {folder} do not match its config.json ({config.describe()}): "
             + "; ".join(problems)
         )
-    dtype = dtype or stored_dtype or torch.float32
+    return plan, stored_dtype
 
-    # 3. fill, shard by shard; 4. finish each parameter as its last part arrives.
+
+def _fill(model, files, plan, shapes, int8, dtype, device, quantize) -> None:
+    """Read the files shard by shard into the planned pieces; each parameter is finished (installed,
+    or quantized) as its last part arrives, so one shard at a time is in memory."""
+    from safetensors import safe_open
+
     filling: dict[str, torch.Tensor] = {}
     done: dict[str, frozenset] = {name: frozenset() for name in shapes}
     for file in files:
@@ -381,7 +384,3 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
                 done[piece.name] |= piece.parts
                 if done[piece.name] == _parts(piece.name, shapes[piece.name]):
                     _finish_parameter(model, piece.name, filling.pop(piece.name), quantize)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.check_finite(folder)  # NaN or inf weights: refused as they load, like a corrupt file
-    return model.eval()

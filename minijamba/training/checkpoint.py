@@ -328,8 +328,8 @@ def _check_float(tensors: dict[str, torch.Tensor], source) -> None:
 
 def _check_model_tensors(config: JambaConfig, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Before anything is built: weights are floating point, and config.json does not describe a
-    model far larger than model.safetensors holds (`hf.check_size`)."""
-    from minijamba.hf import check_size
+    model far larger than model.safetensors holds (`checks.check_size`)."""
+    from minijamba.checks import check_size
 
     _check_float(tensors, path / MODEL)
     try:
