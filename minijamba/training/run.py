@@ -1,5 +1,6 @@
 """What defines a training run: its settings (`TrainConfig`, saved as train_config.json, and how each
-is checked), its result, and the model, task and optimizer they describe.
+is checked), its result, the model, task and optimizer they describe, and the set-up's checks (the
+--out-dir to start or resume in, the memory the run will need).
 
 The loop that runs it is minijamba.training.train; train_tiny.py turns its flags into a TrainConfig.
 """
@@ -10,14 +11,18 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from minijamba.checks import check_fields, check_seed
 from minijamba.model.config import LAYOUTS, PRESETS, JambaConfig, check_field
-from minijamba.runtime import scan_backend_for
+from minijamba.model.dispatch import ENV_VAR
+from minijamba.runtime import scan_backend_for, total_memory
+from minijamba.training import checkpoint, distributed
 from minijamba.training import tokenizer as tk
 from minijamba.training.data import MQARSpec, MQARTask, TextTask
+from minijamba.training.memory_plan import check_training, training_plan
 
 TASKS = ("text", "mqar")
 # Fields a resumed run takes from the command line; all others come from the checkpoint.
@@ -218,3 +223,45 @@ def build_task(cfg: TrainConfig, tokenizer=None):
     if cfg.task == "mqar":
         return MQARTask(cfg.mqar_spec(), cfg.seed)
     return TextTask.build(cfg.data, cfg.vocab_size, cfg.seq_len, cfg.seed, tok=tokenizer)
+
+
+# --- set-up ----------------------------------------------------------------------------------
+def open_out_dir(cfg: TrainConfig, out_dir: Path, main: bool):
+    """(cfg, checkpoint or None): a resumed run takes its settings from the checkpoint, but for
+    RUNTIME_FIELDS; a new one refuses a folder that holds a checkpoint unless told to replace it."""
+    if not main:  # rank 0 first: it alone puts back a checkpoint that a crash left half-swapped
+        distributed.barrier()
+    ckpt = None
+    if cfg.resume:
+        ckpt = checkpoint.load(out_dir, training=True)
+        checkpoint.check_writable(out_dir)  # before the first step, not at the first checkpoint
+        saved = {k: v for k, v in ckpt.train_config.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+        runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
+        try:
+            cfg = TrainConfig(**{**saved, **runtime})
+            cfg.betas = tuple(cfg.betas)
+            cfg.validate()
+        except (TypeError, ValueError) as e:
+            raise checkpoint.CheckpointError(
+                f"{out_dir / checkpoint.TRAIN_CONFIG} is not a valid training config: {e}"
+            ) from None
+    else:
+        checkpoint.check_writable(out_dir)
+        if checkpoint.is_checkpoint(out_dir) and not cfg.overwrite:
+            raise FileExistsError(
+                f"{out_dir} already holds a checkpoint: pass --resume to continue it, --overwrite to "
+                f"start over, or another --out-dir"
+            )
+    if main:
+        distributed.barrier()
+    return cfg, ckpt
+
+def check_memory(cfg: TrainConfig, config, task, device, world: int) -> None:
+    """The run's memory, planned by arithmetic on the sizes before anything is built (even on the
+    meta device a million layers take minutes): refused with the largest batch that would fit."""
+    backend = config.scan_backend or os.environ.get(ENV_VAR) or "reference"
+    memory = training_plan(config, cfg.batch_size, task.seq_len, cfg.weights, world, cfg.checkpoint_activations,
+                           task.val_nbytes(cfg.batch_size, cfg.eval_batches) // cfg.batch_size,
+                           chunked_scan=device.type == "cpu" and backend == "cpu", autograd_scan=backend == "reference",
+                           bf16_activations=device.type == "cuda" or cfg.weights == "bf16")  # fmt: skip
+    check_training(memory, total_memory(device), f"this {device.type}")
