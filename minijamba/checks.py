@@ -20,25 +20,34 @@ SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 _CHUNK = 2**20  # elements checked at a time: a whole tensor's isfinite temporaries would cost as much as a shard
 
 
-def check_finite(
-    named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], source
-) -> None:
-    """Raise ValueError naming the first floating-point tensor that holds a NaN or an infinity.
+def first_non_finite(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None.
 
     named_tensors: a state dict, or (name, tensor) pairs such as `model.named_parameters()`.
-    source: where the tensors came from (a file or folder), the start of the message.
-    Meta tensors (no data) and integer tensors (int8 experts) are skipped."""
+    Meta tensors (no data) and integer tensors (int8 experts) are skipped. Checked _CHUNK elements
+    at a time (isfinite's temporaries stay a few MB whatever the tensor's size), one sync a tensor."""
     items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
     for name, t in items:
         if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
             continue
         flat = t.detach().reshape(-1)
-        finite = torch.stack([torch.isfinite(part).all() for part in flat.split(_CHUNK)])  # one sync a tensor
+        finite = torch.stack([torch.isfinite(part).all() for part in flat.split(_CHUNK)])
         if not bool(finite.all()):
-            raise ValueError(
-                f"{source}: tensor {name} holds NaN or inf: the weights are corrupt (or the run that wrote "
-                "them diverged)"
-            )
+            return name
+    return None
+
+
+def check_finite(
+    named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], source
+) -> None:
+    """Raise ValueError naming the first floating-point tensor that holds a NaN or an infinity
+    (`first_non_finite`); source: where the tensors came from (a file or folder), the start of the message."""
+    name = first_non_finite(named_tensors)
+    if name is not None:
+        raise ValueError(
+            f"{source}: tensor {name} holds NaN or inf: the weights are corrupt (or the run that wrote "
+            "them diverged)"
+        )
 
 
 def check_seed(seed, name: str = "seed") -> int:

@@ -24,6 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file, save_file
 
 from helpers import small_configs
+from test_train import TINY, quiet
+from test_train import config as train_config
 from minijamba import Jamba, JambaConfig, atomic, load_hf, save_hf
 from minijamba.training import checkpoint
 from minijamba.training import distributed
@@ -35,28 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 # --- small pieces ---------------------------------------------------------------------------------
-TINY = dict(
-    hidden_size=16, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
-    num_experts=2, mamba_d_state=4, mamba_dt_rank=2,
-)  # fmt: skip
 CLI = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--device", "cpu",
        *[a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]]  # fmt: skip
 SMALL = dict(vocab_size=40, hidden_size=16, intermediate_size=8, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=4,
              num_experts_per_tok=2, mamba_d_state=4, mamba_dt_rank=4)  # fmt: skip
-
-
-def train_config(text_file, out_dir, **kw) -> TrainConfig:
-    base = dict(
-        data=str(text_file), vocab_size=300, seq_len=32, batch_size=2, overrides=dict(TINY),
-        eval_batches=1, eval_interval=2, max_steps=6, time_budget=None, out_dir=str(out_dir),
-        device="cpu", warmup_steps=2,
-    )  # fmt: skip
-    return TrainConfig(**{**base, **kw})
-
-
-def quiet(*args, **kwargs):
-    pass
 
 
 def snapshot(folder: Path) -> dict:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from minijamba import atomic
+from minijamba.checks import first_non_finite
 from minijamba.training import tokenizer as tk
 from minijamba.model.config import JambaConfig
 
@@ -202,16 +203,6 @@ def check_writable(out_dir: str | Path) -> None:
         atomic.probe(out_dir)
     except OSError as e:
         raise _not_writable(out_dir, e, out_dir.parent) from None
-
-
-def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, or None (checked
-    2^20 elements at a time: isfinite's temporaries stay a few MB, whatever the tensor's size)."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.device.type != "meta":
-            if not all(bool(torch.isfinite(part).all()) for part in t.detach().reshape(-1).split(2**20)):
-                return name
-    return None
 
 
 def _sha256(path: Path) -> str:

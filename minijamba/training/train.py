@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from minijamba.checks import first_non_finite
 from minijamba.model.jamba import Jamba, cast_parameters
 from minijamba.runtime import Readout, StopFlag, dist_info, peak_memory, scan_backend_for
 from minijamba.training import checkpoint, distributed
@@ -232,7 +233,7 @@ class Run:
             self.refuse(bad)
         state["status"] = status
         tensors = distributed.model_state(model)  # sharded: gathered to rank 0 (every rank calls)
-        bad = distributed.from_rank0(checkpoint.first_non_finite(tensors) if self.main else None)
+        bad = distributed.from_rank0(first_non_finite(tensors) if self.main else None)
         if bad is not None:
             self.refuse(f"the weight {bad} became NaN or infinite")
         opt_tensors, groups = distributed.optimizer_state(model, self.optimizer)
