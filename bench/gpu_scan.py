@@ -28,6 +28,8 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scan_copy  # noqa: E402
 from minijamba import kernels as backends  # noqa: E402
 from minijamba.model import dispatch  # noqa: E402
 from minijamba.kernels import triton_scan, triton_step  # noqa: E402
@@ -96,18 +98,7 @@ def timed(fn, rep_ms):
 
 def add_backend_from_file(name, path):
     """Register another copy of triton_scan.py (its own CONFIG and kernels) as a scan backend."""
-    import importlib.util
-
-    import tempfile
-
-    # its custom ops get a namespace of their own (torch.library allows one definition per name)
-    src = Path(path).read_text().replace('"minijamba::', f'"minijamba_{name}::')
-    src = src.replace("torch.ops.minijamba.", f"torch.ops.minijamba_{name}.")
-    copy = Path(tempfile.mkdtemp()) / f"scan_{name}.py"
-    copy.write_text(src)
-    spec = importlib.util.spec_from_file_location(f"scan_{name}", copy)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = scan_copy.load(path, f"minijamba_{name}")
     # (the decoding step is ours: it lives in triton_step.py, which the copies do not vary)
     dispatch.register(name, lambda: dataclasses.replace(
         backends.get("triton"), name=name, selective_scan=mod.selective_scan,

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
-import itertools
-import os
 import re
 import subprocess
 import sys
@@ -31,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import scan_copy  # noqa: E402
 
 # (argument names, types) of each kernel, as triton_scan.py declares them
 ARGS = {
@@ -45,7 +44,6 @@ ARGS = {
     ),
 }
 FLAGS = dict(N=16, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
-_COPIES = itertools.count()
 
 
 def compile_kernel(path: Path, which: str, ti: int | None, warps: int | None):
@@ -54,16 +52,7 @@ def compile_kernel(path: Path, which: str, ti: int | None, warps: int | None):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = importlib.util.spec_from_file_location("scan_for_sass", path)
-    mod = importlib.util.module_from_spec(spec)
-    ns = f"minijamba_sass{next(_COPIES)}"  # its custom ops get names of their own, a new one each call
-    src = path.read_text().replace('"minijamba::', f'"{ns}::').replace("torch.ops.minijamba.", f"torch.ops.{ns}.")
-    saved = os.environ.pop("TRITON_INTERPRET", None)  # kernels defined while it is set are interpreted
-    try:
-        exec(compile(src, str(path), "exec"), mod.__dict__)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    mod = scan_copy.load(path)  # its custom ops get names of their own, a new one each call
     cfg = dict(mod.CONFIG[which])
     if ti is not None:
         cfg["TI"] = ti

@@ -8,9 +8,9 @@ their backend is asked for (or when `available()` is asked what this machine can
     cpu         the reference, but the scan with a hand-written backward that keeps one state a chunk
                 (chunked_scan.py) and the experts by grouped matmuls (moe_dispatch.py): what
                 `--fast` picks on a machine without a GPU
-    triton      our Triton kernels: the scan (triton_scan.py), its decoding step (triton_step.py),
-                the conv (triton_conv.py); the projections written and read time-last
-                (time_last.py) and the experts by grouped matmuls (moe_dispatch.py). CUDA GPUs (or,
+    triton      our Triton kernels: the scan (triton_scan.py, its kernels in triton_scan_fwd.py and
+                triton_scan_bwd.py), its decoding step (triton_step.py), the conv (triton_conv.py);
+                the projections written and read time-last (time_last.py) and the experts by grouped matmuls (moe_dispatch.py). CUDA GPUs (or,
                 slowly, Triton's CPU interpreter with TRITON_INTERPRET=1, which the tests use);
                 torch.compile sees through them (custom_ops.py)
     mamba_ssm   mamba-ssm's CUDA scan and Triton decoding step (mamba_ssm.py), causal-conv1d's conv

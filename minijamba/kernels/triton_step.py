@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from minijamba.kernels.custom_ops import custom_op, interpreting, run_op
-from minijamba.kernels.triton_scan import LOG2E, _softplus
+from minijamba.kernels.triton_scan_fwd import LOG2E, _softplus
 
 # Launch shape: channels per program and warps (bench/gpu_scan.py times the step).
 CONFIG = dict(BD=64, num_warps=4)
