@@ -204,8 +204,8 @@ class Int8Experts(nn.Module):
 
 
 def grouped_int8_linear_reference(x, q, scale, ends) -> torch.Tensor:
-    """Rows x[ends[e-1]:ends[e]] times (scale[e] * q[e])ᵀ for every expert e. x (T, I); q (E, O, I)
-    int8; scale (E, O); ends (E,) -> (T, O). Each expert that has rows is cast to x's dtype (in
+    """Rows x[ends[j-1]:ends[j]] times (scale[j] * q[j])ᵀ for every expert j. x (t*K, i); q (E, o, i)
+    int8; scale (E, o); ends (E,) -> (t*K, o). Each expert that has rows is cast to x's dtype (in
     memory, one at a time) and runs one matmul; its output is scaled per channel."""
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # rows per expert (a host sync)
     out = [

@@ -2,14 +2,15 @@
 registers, instead of cast to 16 bits in memory first (the fast twin of
 `minijamba.inference.quant.grouped_int8_linear_reference`, same signature, held equal by tests/test_quant_triton.py).
 
-Glossary:
+Glossary (as in `minijamba.inference.quant`):
 
-    T   rows of x: the (token, expert) assignments, sorted so that each expert's rows are contiguous
-    E   experts
-    O   output channels of the projection; I its input channels
-    e   an expert; its rows are x[ends[e-1]:ends[e]]
+    t   tokens; the rows of x are their t*K (token, expert) assignments, sorted by expert, so that
+        expert j's rows are the contiguous slice x[ends[j-1]:ends[j]]
+    E   experts in the layer
+    K   experts each token goes to
+    o   output channels of the projection; i its input channels
 
-    y[r, o] = scale[e, o] * sum_i x[r, i] * q[e, o, i]      for every row r of expert e
+    y[r, :] = scale[j] * (q[j] @ x[r, :])      for every row r of expert j   (q[j] is (o, i) int8)
 
 Why: at batch 1 a decoding step reads K = 2 experts per MoE layer. The reference casts each one to
 bf16 in memory (read 1 byte, write 2, then the matmul reads the 2 again: 5 bytes moved per weight);
@@ -17,9 +18,9 @@ this kernel reads each weight byte once. For Jamba-v0.1 that is 28 GB against 5.
 traffic per token, most of a decoding step. In prefill the same kernel is a grouped GEMM on tensor
 cores, with the weight tile converted to the activation dtype after it is loaded.
 
-The grid: axis 0 splits the O outputs into tiles of BLOCK_O; axis 1 runs over row blocks of BLOCK_T
-rows, each inside one expert. Expert e owns ceil(count_e / BLOCK_T) consecutive row blocks; the
-launch has ceil(T / BLOCK_T) + E of them (an upper bound, computed without reading the counts back
+The grid: axis 0 splits the o outputs into tiles of BLOCK_O; axis 1 runs over row blocks of BLOCK_T
+rows, each inside one expert. Expert j owns ceil(count_j / BLOCK_T) consecutive row blocks; the
+launch has ceil(t*K / BLOCK_T) + E of them (an upper bound, computed without reading the counts back
 to the host: no synchronisation) and each program finds its expert from the prefix sums of the
 block counts; those past the end return at once. Runs on CUDA, or (slowly) in Triton's interpreter
 on the CPU with TRITON_INTERPRET=1, which the tests use.
@@ -41,40 +42,40 @@ SMALL_ROWS = 64  # at most this many rows per expert on average: the "small" sha
 @triton.jit
 def _grouped_int8_kernel(
     x_ptr, q_ptr, s_ptr, y_ptr, starts_ptr, counts_ptr, block_start_ptr,
-    n_experts, O, I,
+    n_experts, n_out, n_in,
     stride_xt, stride_qe, stride_qo, stride_se, stride_yt,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_o = tl.program_id(0)
     pid_t = tl.program_id(1)
-    # The expert of this row block: the last e whose first block is <= pid_t (empty experts own no
-    # block, so they share their first block with the next expert and are never the last such e).
-    e = tl.full((), 0, tl.int32)
+    # The expert of this row block: the last j whose first block is <= pid_t (empty experts own no
+    # block, so they share their first block with the next expert and are never the last such j).
+    j = tl.full((), 0, tl.int32)
     for k in range(1, n_experts):
-        e += (tl.load(block_start_ptr + k) <= pid_t).to(tl.int32)
-    count = tl.load(counts_ptr + e)
-    row0 = (pid_t - tl.load(block_start_ptr + e)) * BLOCK_T
+        j += (tl.load(block_start_ptr + k) <= pid_t).to(tl.int32)
+    count = tl.load(counts_ptr + j)
+    row0 = (pid_t - tl.load(block_start_ptr + j)) * BLOCK_T
     if row0 < count:
-        start = tl.load(starts_ptr + e)
+        start = tl.load(starts_ptr + j)
         rows = row0 + tl.arange(0, BLOCK_T)  # (BLOCK_T,) rows of this expert
         cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,) output channels
-        rmask, cmask = rows < count, cols < O
+        rmask, cmask = rows < count, cols < n_out
         x_rows = x_ptr + (start + rows).to(tl.int64)[:, None] * stride_xt
-        q_rows = q_ptr + e.to(tl.int64) * stride_qe + cols.to(tl.int64)[:, None] * stride_qo
+        q_rows = q_ptr + j.to(tl.int64) * stride_qe + cols.to(tl.int64)[:, None] * stride_qo
         # tl.full is a builtin; tl.zeros is a @jit helper, which the interpreter cannot call when
         # triton.language was imported before TRITON_INTERPRET=1 was set (torch._dynamo imports it)
         acc = tl.full((BLOCK_T, BLOCK_O), 0.0, tl.float32)
-        for i0 in range(0, I, BLOCK_I):
+        for i0 in range(0, n_in, BLOCK_I):
             ks = i0 + tl.arange(0, BLOCK_I)
-            kmask = ks < I
-            xt = tl.load(x_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)  # (T, I) tile
-            wt = tl.load(q_rows + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0)  # (O, I) int8
+            kmask = ks < n_in
+            xt = tl.load(x_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_T, BLOCK_I) tile
+            wt = tl.load(q_rows + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0)  # (BLOCK_O, BLOCK_I) int8
             w = tl.trans(wt.to(xt.dtype))  # exact: every int8 value is a bf16/fp16/fp32 value
             if IEEE:
                 acc += tl.dot(xt, w, input_precision="ieee")
             else:
                 acc += tl.dot(xt, w)
-        scale = tl.load(s_ptr + e.to(tl.int64) * stride_se + cols, mask=cmask, other=0.0)  # (BLOCK_O,)
+        scale = tl.load(s_ptr + j.to(tl.int64) * stride_se + cols, mask=cmask, other=0.0)  # (BLOCK_O,)
         y = acc * scale[None, :]
         y_ptrs = y_ptr + (start + rows).to(tl.int64)[:, None] * stride_yt + cols[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -83,25 +84,25 @@ def _grouped_int8_kernel(
 def grouped_int8_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor
 ) -> torch.Tensor:
-    """Rows x[ends[e-1]:ends[e]] times (scale[e] * q[e])ᵀ for every expert e.
+    """Rows x[ends[j-1]:ends[j]] times (scale[j] * q[j])ᵀ for every expert j.
 
-    x (T, I) float; q (E, O, I) int8; scale (E, O) float32; ends (E,) cumulative row counts. -> (T, O)
-    in x's dtype. No host synchronisation."""
-    T, I = x.shape
-    E, O, _ = q.shape
-    y = torch.empty(T, O, dtype=x.dtype, device=x.device)
-    if T == 0:
+    x (t*K, i) float; q (E, o, i) int8; scale (E, o) float32; ends (E,) cumulative row counts
+    -> (t*K, o) in x's dtype. No host synchronisation."""
+    rows, n_in = x.shape
+    E, n_out, _ = q.shape
+    y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    if rows == 0:
         return y
     x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
     ends = ends.to(torch.int64)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows per expert
     starts = ends - counts
-    BLOCK_T, BLOCK_O, BLOCK_I, warps = CONFIG["small" if T <= SMALL_ROWS * E else "large"]
+    BLOCK_T, BLOCK_O, BLOCK_I, warps = CONFIG["small" if rows <= SMALL_ROWS * E else "large"]
     blocks = (counts + BLOCK_T - 1) // BLOCK_T  # row blocks per expert
     block_start = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])  # (E + 1,)
-    grid = (triton.cdiv(O, BLOCK_O), triton.cdiv(T, BLOCK_T) + E)
+    grid = (triton.cdiv(n_out, BLOCK_O), triton.cdiv(rows, BLOCK_T) + E)
     _grouped_int8_kernel[grid](
-        x, q, scale, y, starts, counts, block_start, E, O, I,
+        x, q, scale, y, starts, counts, block_start, E, n_out, n_in,
         x.stride(0), q.stride(0), q.stride(1), scale.stride(0), y.stride(0),
         BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=x.dtype == torch.float32, num_warps=warps,
     )  # fmt: skip

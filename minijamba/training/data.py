@@ -4,7 +4,6 @@ Glossary:
 
     b   batch (sequences per step, across all processes)
     l   sequence length (tokens per training sequence)
-    N   tokens in the training split
 
 Text. The default corpus needs nothing beyond Python itself: the standard library's own top-level
 modules (`stdlib_files`), a fixed list in name order, so the tiny model learns to write Python.
