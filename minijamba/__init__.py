@@ -3,6 +3,7 @@
 from minijamba import kernels  # noqa: F401  (registers the fast side's backends with the dispatch point)
 from minijamba.model.config import JambaConfig
 from minijamba.inference.generation import generate
+from minijamba.inference.serving import generate_many
 from minijamba.model.jamba import Jamba
 from minijamba.model.state import InferenceState
 
@@ -21,4 +22,4 @@ def save_hf(*args, **kwargs):
     return _save_hf(*args, **kwargs)
 
 
-__all__ = ["JambaConfig", "Jamba", "InferenceState", "generate", "load_hf", "save_hf"]
+__all__ = ["JambaConfig", "Jamba", "InferenceState", "generate", "generate_many", "load_hf", "save_hf"]

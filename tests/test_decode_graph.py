@@ -106,7 +106,7 @@ def test_step_refuses_what_it_cannot_do():
         model.config.scan_backend = backend
         assert cuda_graph._loops_over_experts(model) is loops
     model.config.scan_backend = None
-    view = GraphReadyState(state, torch.tensor([3]), 3)
+    view = GraphReadyState(state, torch.tensor([3] * state.batch_size), 3)
     with pytest.raises(ValueError, match="one token"):
         view.advance(torch.ones(1, 2, dtype=torch.bool))
 

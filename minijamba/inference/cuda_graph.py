@@ -19,8 +19,10 @@ tokens on the device. Only attention depends on the position: where the new key 
 how many keys to read. A graph-ready view of the state (`GraphReadyState`, whose attention layers
 hold a `GraphKVCache`) moves both onto the device:
 
-    position    `end` is a (1,) tensor on the device, set before each replay; attention writes the
-                new key and value with index_copy_ at end - 1, and `valid` marks that position
+    position    `end` is a (b,) tensor on the device, each row's length after this token, set
+                before each replay; attention writes each row's new key and value at its end - 1,
+                and `valid` marks that position. Rows may stand at different positions (the slots
+                of `minijamba.inference.serving`); in `generate` they stand together
     keys        attention reads a fixed window of w slots; the slots not written yet are False in
                 `valid`, which is the attention mask, so the shapes stay the same from step to step
 
@@ -43,31 +45,33 @@ from minijamba.model.state import InferenceState, KVCache, MambaState
 
 
 class GraphKVCache:
-    """One attention layer's KV cache as a graph-ready step writes and reads it: the new key and
-    value go to position `end - 1`, read on the device, and attention reads a fixed window of w
-    slots, masked by `valid` where no token has been written yet."""
+    """One attention layer's KV cache as a graph-ready step writes and reads it: each row's new
+    key and value go to its position `end - 1`, read on the device, and attention reads a fixed
+    window of w slots, masked by `valid` where no token has been written yet."""
 
     def __init__(self, cache: KVCache, view: "GraphReadyState"):
         self.cache, self.view = cache, view
 
     def update(self, k: torch.Tensor, v: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v (b, g, 1, e) -> the window's keys and values (b, g, w, e) and the mask (b, 1, 1, w)."""
-        slot, w = self.view.end - 1, self.view.window  # (1,) this token's position, on the device
-        self.cache.k.index_copy_(2, slot, k.to(self.cache.k.dtype))
-        self.cache.v.index_copy_(2, slot, v.to(self.cache.v.dtype))
+        rows, slot, w = self.view.rows, self.view.end - 1, self.view.window  # (b,) each row's position
+        self.cache.k[rows, :, slot] = k[:, :, 0].to(self.cache.k.dtype)  # (b, g, e) into (b, g, s, e)
+        self.cache.v[rows, :, slot] = v[:, :, 0].to(self.cache.v.dtype)
         keys, values = self.cache.k[:, :, :w].to(k.dtype), self.cache.v[:, :, :w].to(v.dtype)
         return keys, values, self.view.valid[:, None, None, :w]  # real tokens written so far
 
 
 class GraphReadyState:
     """What one graph-ready decoding step sees in place of an `InferenceState`: the same Mamba
-    states and KV-cache tensors, with the position `end` ((1,) int64 on the device: the length
-    after this token) instead of the host's `length`, and a fixed `window` of key slots, so that
-    one captured CUDA graph serves every position. The caller keeps `state.length` counted."""
+    states and KV-cache tensors, with the positions `end` ((b,) int64 on the device: each row's
+    length after this token) instead of the host's `length`, and a fixed `window` of key slots
+    (at least the largest end), so that one captured CUDA graph serves every position. The caller
+    keeps the lengths counted."""
 
     def __init__(self, state: InferenceState, end: torch.Tensor, window: int):
         self.state, self.end, self.window = state, end, window
         self.valid = state.valid  # (b, s)
+        self.rows = torch.arange(state.batch_size, device=end.device)  # (b,)
         self.layers = [GraphKVCache(c, self) if isinstance(c, KVCache) else c for c in state.layers]
 
     @property
@@ -75,10 +79,10 @@ class GraphReadyState:
         return self.state.batch_size
 
     def advance(self, mask: torch.Tensor, padding: bool | None = None) -> None:
-        """Mark this step's token as seen: mask (b, 1) at column end - 1, on the device."""
+        """Mark this step's token as seen: mask (b, 1) at each row's column end - 1, on the device."""
         if mask.shape[1] != 1:
             raise ValueError(f"a graph-ready decoding step takes one token per row, got {mask.shape[1]}")
-        self.valid.index_copy_(1, self.end - 1, mask)
+        self.valid[self.rows, self.end - 1] = mask[:, 0]
 
 
 class DecodeStep:
@@ -87,6 +91,9 @@ class DecodeStep:
     token (b,) -> logits (b, V), what `model(token[:, None], state=state, logits_to_keep=1)[:, -1]`
     gives, from a graph replay. `state` must already hold the prompt (see `generation.prefill`);
     the step owns it from then on and counts `state.length` itself.
+
+    `step.rows(token, ends)` is the same step for rows at different positions: ends (b,) the
+    length of each row after its token (the caller counts them; `state.length` is not used).
 
     graph: capture CUDA graphs (True, needs the state on a CUDA device), run the graph-ready step
     eagerly (False), or None: capture when the state is on a CUDA device.
@@ -115,7 +122,7 @@ class DecodeStep:
         self.model, self.state, self.graph, self.bucket = model, state, graph, bucket
         b = state.batch_size
         self.ids = torch.zeros(b, 1, dtype=torch.int64, device=device)  # the step's input    (b, 1)
-        self.end = torch.zeros(1, dtype=torch.int64, device=device)  # its length after the token
+        self.end = torch.zeros(b, dtype=torch.int64, device=device)  # each row's length after the token
         options = compile if isinstance(compile, dict) else {}
         self.forward = torch.compile(self._forward, **options) if compile else self._forward
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> graph, logits
@@ -135,17 +142,30 @@ class DecodeStep:
                 "1 more does not fit; create it with a larger capacity"
             )
         end = state.length + 1
-        self.ids.copy_(token.reshape(-1, 1))  # copies on the device: no wait
         self.end.fill_(end)
+        logits = self._step(token, end)
+        state.length = end
+        return logits
+
+    @torch.inference_mode()
+    def rows(self, token: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """token (b,), ends: b lengths, each row's after its token -> logits (b, V)."""
+        if len(ends) != self.state.batch_size or not 1 <= min(ends) <= max(ends) <= self.state.capacity:
+            raise ValueError(
+                f"ends must be {self.state.batch_size} lengths in [1, {self.state.capacity}], got {ends}"
+            )
+        self.end.copy_(torch.tensor(ends, dtype=torch.int64))
+        return self._step(token, max(ends))
+
+    def _step(self, token: torch.Tensor, end: int) -> torch.Tensor:
+        self.ids.copy_(token.reshape(-1, 1))  # copies on the device: no wait
         w = self.window(end)
         if not self.graph:
-            logits = self._run(w)
-        else:
-            if w not in self.graphs:
-                self.graphs[w] = self._capture(w)
-            graph, logits = self.graphs[w]
-            graph.replay()
-        state.length = end
+            return self._run(w)
+        if w not in self.graphs:
+            self.graphs[w] = self._capture(w)
+        graph, logits = self.graphs[w]
+        graph.replay()
         return logits
 
     def _forward(self, view: GraphReadyState) -> torch.Tensor:

@@ -123,6 +123,24 @@ class InferenceState:
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
+    def row(self, i: int) -> "InferenceState":
+        """Row i emptied, as a state of its own for one sequence: its buffers are views of this
+        state's row i, so what runs on it (a prompt's prefill) fills row i here. Its length starts
+        at 0. This is how a serving loop starts a new sequence in a free row while the others go on."""
+        if not 0 <= i < self.batch_size:
+            raise ValueError(f"row {i} is not in this state's batch of {self.batch_size}")
+        one = object.__new__(InferenceState)
+        one.capacity, one.length, one.padded = self.capacity, 0, False
+        one.valid = self.valid[i : i + 1]  # (1, s)
+        one.valid.zero_()
+        one.layers = []
+        for layer in self.layers:
+            if isinstance(layer, KVCache):  # stale keys stay: `valid` masks them until overwritten
+                one.layers.append(KVCache(layer.k[i : i + 1], layer.v[i : i + 1]))
+            else:
+                one.layers.append(MambaState(layer.conv[i : i + 1].zero_(), layer.ssm[i : i + 1].zero_()))
+        return one
+
     def advance(self, mask: torch.Tensor, padding: bool | None = None) -> None:
         """Mark the next mask.shape[1] positions as seen; mask (b, l) is False at padding.
         padding: whether mask has any False, when the caller knows (None: read it from the mask,
