@@ -4,6 +4,8 @@
     python generate.py --prompt "def "                       # the model train_tiny.py wrote to out/tiny
     echo "import os" | python generate.py --num-samples 3     # prompt from stdin
     python generate.py --hf path/to/jamba --prompt "Hello"    # transformers' files + tokenizer.json
+    python generate.py --prompts-file prompts.jsonl --output out.jsonl --batch-size auto
+                                                              # many prompts, continuous batching
 
 Tokens are printed as they are produced. At the end (on stderr): tokens per second and the size
 of the inference state, split into the attention layers' KV cache and the Mamba layers' state.
@@ -103,6 +105,29 @@ def build_parser() -> Parser:
         help="run the prompt N tokens at a time: the same tokens, with activation memory bounded by N "
         "instead of the prompt's length (default: the prompt in one piece)",
     )
+    many = p.add_argument_group("many prompts (continuous batching: minijamba.inference.serving)")
+    many.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help='JSONL, one {"prompt": "text"} per line: each is completed, and one JSON object per line is '
+        "written (the completion, token counts, the finish reason, or the line's error)",
+    )
+    many.add_argument("--output", metavar="FILE", help="where the JSONL results go (default stdout)")
+    many.add_argument(
+        "--batch-size",
+        default="8",
+        metavar="N|auto",
+        help="slots decoded together; a slot takes the next prompt as soon as its row ends. auto: the most "
+        "that the memory plan fits in the device's free memory (default 8)",
+    )
+    many.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens a slot holds, its prompt and its new tokens (default: the longest prompt plus "
+        "--max-new-tokens); longer prompts get an error line",
+    )
     return p
 
 
@@ -121,6 +146,12 @@ def _check_args(p: Parser, a: argparse.Namespace) -> None:
         p.error(f"--num-samples must be from 1 to {MAX_SAMPLES:,}, got {a.num_samples}")
     if a.prefill_chunk is not None and a.prefill_chunk < 1:
         p.error(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
+    if a.batch_size != "auto" and (not a.batch_size.isdigit() or not 1 <= int(a.batch_size) <= 2**16):
+        p.error(f"--batch-size must be auto or a number of slots from 1 to 65536, got {a.batch_size!r}")
+    if a.context is not None and a.context < 2:
+        p.error(f"--context must be >= 2 tokens, got {a.context}")
+    if a.prompts_file is None and (a.output is not None or a.context is not None):
+        p.error("--output and --context go with --prompts-file")
 
 
 def load(args, device, backend):
@@ -205,6 +236,63 @@ def _kib(n: int) -> str:
     return f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
 
 
+def serve_file(args, model, tok, device) -> int:
+    """--prompts-file: every line's prompt through `minijamba.inference.serving`, JSONL out."""
+    from pathlib import Path
+
+    import torch
+
+    from minijamba.inference.memory_plan import GiB, available_bytes, largest_batch, serving_plan
+    from minijamba.inference.serving import read_prompts_jsonl, run_jsonl
+
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {path} is not UTF-8 text (at byte {e.start})") from None
+    lengths = [len(tok.encode(text).ids) for _, text, err in read_prompts_jsonl(lines) if err is None]
+    if not any(lengths):
+        raise ValueError(f'--prompts-file {path} has no prompt to run: no line of the form {{"prompt": "text"}}')
+    context = args.context or max(lengths) + args.max_new_tokens
+    weights = model.embed_tokens.weight
+    kw = dict(chunk=args.prefill_chunk, dtype=weights.dtype, quantize="int8" if args.int8_experts else None,
+              scan_backend=model.config.scan_backend)  # fmt: skip
+    plan = lambda slots: serving_plan(model.config, context, slots, **kw)  # noqa: E731
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else plan(1).weights_total
+    room = available_bytes(device) + held  # the weights are loaded already
+    fits = largest_batch(model.config, context, room, **kw)
+    if fits < 1:
+        raise ValueError(f"not one slot of {context:,} tokens fits in {room / GiB:.2f} GiB: give a shorter --context")
+    slots = fits if args.batch_size == "auto" else int(args.batch_size)
+    if slots > fits:
+        raise ValueError(
+            f"--batch-size {slots}: {slots} slots of {context:,} tokens need {plan(slots).total / GiB:.2f} GiB "
+            f"and the device has {room / GiB:.2f} GiB; the most that fit is {fits} (or --batch-size auto)"
+        )
+    print(plan(slots), file=sys.stderr)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        counts = run_jsonl(
+            model, tok, lines, out, args.max_new_tokens, slots, context, progress=sys.stderr,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            eos_token_id=model.config.eos_token_id, prefill_chunk=args.prefill_chunk,
+            generator=torch.Generator(device=device).manual_seed(args.seed),
+            cuda_graph=args.fast and device.type == "cuda",
+        )  # fmt: skip
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(
+        f"{counts['prompts']} prompts ({counts['errors']} lines refused) in {counts['seconds']:.2f} s with "
+        f"{slots} slots of {context:,} tokens: {counts['tokens']:,} tokens, "
+        f"{counts['tokens'] / max(counts['seconds'], 1e-9):,.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         model, tok = load(args, device, scan_backend_for(args.fast))
+        if args.prompts_file is not None:
+            return serve_file(args, model, tok, device)
         prompt = read_prompt(args)
         ids = tok.encode(prompt).ids
         if not ids:

@@ -4,6 +4,7 @@ kind of bad input giving one clear line on stderr, a non-zero exit, no traceback
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -290,3 +291,61 @@ def test_generate_refuses_a_context_that_does_not_fit(trained, capsys):
     assert "memory plan" in err  # printed first, then one error line naming what would fit
     assert "generate.py: error: this run needs" in err and "the largest context that fits is" in err
     assert "Traceback" not in err
+
+
+# --- issue 17: many prompts from a JSONL file ----------------------------------------------------
+def test_prompts_file_gives_each_prompt_what_it_gets_alone(trained, tmp_path, capsys):
+    """Greedy completions of a JSONL file, three slots: each line's completion is what generate.py
+    prints for that prompt alone; bad lines get an error line (by number) and the rest still run."""
+    prompts = ["import os", "def f(x):", "x", "class A:\n    def", "for i in range(3):"]
+    lines = [json.dumps({"prompt": p}) for p in prompts[:3]] + [
+        "{not json", json.dumps({"prompt": ""}), json.dumps({"text": "x"}), json.dumps({"prompt": "y" * 300}),
+    ] + [json.dumps({"prompt": p}) for p in prompts[3:]]  # fmt: skip
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    greedy = ["--out-dir", str(trained), "--max-new-tokens", "6", "--temperature", "0"]
+    argv = [*greedy, "--prompts-file", str(src), "--output", str(dst), "--batch-size", "3", "--context", "64"]
+    assert generate.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "memory plan" in err and "5 prompts (4 lines refused)" in err and "tokens/s" in err
+    got = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["line"] for r in got] == list(range(1, 10))
+    errors = {r["line"]: r["error"] for r in got if "error" in r}
+    assert sorted(errors) == [4, 5, 6, 7]
+    assert "line 4 is not JSON" in errors[4] and "empty" in errors[5] and 'no "prompt"' in errors[6]
+    assert "context of 64 tokens" in errors[7]
+    done = [r for r in got if "completion" in r]
+    for prompt, r in zip(prompts, done, strict=True):
+        assert generate.main([*greedy, "--prompt", prompt]) == 0
+        alone = capsys.readouterr().out
+        assert alone == prompt + r["completion"] + "\n"
+        assert r["finish_reason"] in ("stop", "length") and r["prompt_tokens"] >= 1
+        assert r["completion_tokens"] == 6 or r["finish_reason"] == "stop"
+
+
+def test_prompts_file_batch_size_auto_and_refusals(trained, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "import os"}) + "\n")
+    base = ["--out-dir", str(trained), "--max-new-tokens", "3", "--prompts-file", str(src)]
+    assert generate.main([*base, "--batch-size", "auto"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["completion_tokens"] >= 1
+    assert "memory plan" in captured.err and "slots of" in captured.err
+    assert generate.main([*base, "--batch-size", "65536", "--context", str(10**6)]) == 1
+    one_error_line_after_plan = capsys.readouterr().err
+    assert "--batch-size 65536" in one_error_line_after_plan and "the most that fit is" in one_error_line_after_plan
+    assert generate.main([*base, "--context", str(10**15)]) == 1
+    assert "not one slot" in capsys.readouterr().err
+    assert generate.main([*base[:-1], str(tmp_path / "missing.jsonl")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    assert generate.main([*base[:-1], str(tmp_path / "bad.jsonl")]) == 1
+    assert "no prompt to run" in capsys.readouterr().err
+    for flags, word in ((["--batch-size", "0"], "--batch-size"), (["--batch-size", "many"], "--batch-size"),
+                        (["--context", "1"], "--context")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            generate.main([*base, *flags])
+        assert word in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate.main(["--out-dir", str(trained), "--prompt", "x", "--output", "o.jsonl"])
+    assert "go with --prompts-file" in capsys.readouterr().err

@@ -124,3 +124,23 @@ def test_largest_context_keeps_the_new_tokens_and_the_chunk():
 def test_new_tokens_must_leave_a_prompt():
     with pytest.raises(ValueError, match="new_tokens"):
         plan(JAMBA, 10, new_tokens=10)
+
+
+def test_serving_plan_counts_every_slot_and_largest_batch_is_the_largest_that_fits():
+    """The serving plan's state is what an InferenceState of that many slots holds; its activations
+    are the larger of one prompt's prefill and one step of every slot; largest_batch fits and one
+    more slot does not."""
+    from minijamba.inference.memory_plan import largest_batch, plan, serving_plan
+
+    config = JambaConfig.from_preset("tiny")
+    for slots in (1, 3, 17):
+        p = serving_plan(config, 40, slots, dtype=torch.float32)
+        assert p.state == InferenceState(config, slots, 40, dtype=torch.float32).nbytes()
+        prefill = plan(config, 40, 1, dtype=torch.float32, new_tokens=1).activations_peak
+        assert p.activations_peak >= prefill
+    room = serving_plan(config, 40, 50, dtype=torch.float32).total + 1
+    best = largest_batch(config, 40, room, dtype=torch.float32)
+    assert best >= 50
+    assert serving_plan(config, 40, best, dtype=torch.float32).total <= room
+    assert serving_plan(config, 40, best + 1, dtype=torch.float32).total > room
+    assert largest_batch(config, 40, 1, dtype=torch.float32) == 0

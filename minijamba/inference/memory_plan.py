@@ -88,6 +88,7 @@ class MemoryPlan:
     padding: bool
     chunk_request: int | None = None  # the chunk asked for (None: the prompt in one call)
     new_tokens: int = 0  # context = prompt + new_tokens; the prompt is the longest call
+    serving: bool = False  # batch slots, each prompt prefilled alone (`serving_plan`)
     weights: dict[str, int] = field(default_factory=dict)
     state: dict[str, int] = field(default_factory=dict)
     activations: dict[str, int] = field(default_factory=dict)
@@ -127,7 +128,11 @@ class MemoryPlan:
         lines += [row(f"  {k}", v) for k, v in self.weights.items()]
         lines += ["  inference state (exact)"]
         lines += [row(f"  {k}", v) for k, v in self.state.items() if k != "total"]
-        lines += [f"  activations per call of {self.batch * self.chunk:,} tokens (estimate)"]
+        if self.serving:
+            lines += [f"  activations of one prompt's prefill ({self.chunk:,} tokens) or one step of "
+                      f"{self.batch} slots, the larger (estimate)"]  # fmt: skip
+        else:
+            lines += [f"  activations per call of {self.batch * self.chunk:,} tokens (estimate)"]
         lines += [
             row(f"  {k}", v, "" if k in ("residual", "logits") else "(layer kind)")
             for k, v in self.activations.items()
@@ -226,6 +231,37 @@ def largest_context(p: MemoryPlan, available: int, limit: int = 2**26) -> int:
     while lo < hi:  # the largest s that fits; plans grow with s
         mid = (lo + hi + 1) // 2
         if with_context(p, mid).total <= available:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def serving_plan(
+    config: JambaConfig, context: int, slots: int, chunk: int | None = None, dtype=torch.bfloat16,
+    quantize=None, scan_backend: str | None = None,
+) -> MemoryPlan:  # fmt: skip
+    """The memory plan of `minijamba.inference.serving`: `slots` rows of `context` tokens each in the
+    state; the activations of the larger of its two calls, one prompt's prefill (1 row, chunk tokens
+    of context - 1 at most) and one decoding step of every row (slots rows, 1 token, attention over
+    the masked window)."""
+    p = plan(config, context, 1, chunk, dtype, quantize, scan_backend, new_tokens=1)
+    out = MemoryPlan(
+        config, slots, context, p.chunk, dtype, quantize, p.scan_backend, True, chunk, 1, p.weights,
+    )  # fmt: skip
+    out.serving = True
+    out.state = plan_nbytes(config, slots, context, dtype)
+    step = activation_bytes(config, slots, 1, context, dtype, quantize, p.scan_backend, padding=True)
+    out.activations = {k: max(p.activations.get(k, 0), step.get(k, 0)) for k in p.activations.keys() | step.keys()}
+    return out
+
+
+def largest_batch(config: JambaConfig, context: int, available: int, limit: int = 2**16, **kwargs) -> int:
+    """The most slots of `context` tokens whose `serving_plan` fits in `available` bytes; 0 if none."""
+    lo, hi = 0, limit
+    while lo < hi:  # plans grow with the slots
+        mid = (lo + hi + 1) // 2
+        if serving_plan(config, context, mid, **kwargs).total <= available:
             lo = mid
         else:
             hi = mid - 1

@@ -179,12 +179,52 @@ def read_prompts_jsonl(lines: Sequence[str]) -> list[tuple[int, str | None, str 
     return out
 
 
-class Throughput:
-    """Tokens per second so far, for a progress line."""
+def run_jsonl(
+    model, tokenizer, lines: Sequence[str], out, max_new_tokens: int, batch_size: int, capacity: int,
+    progress=None, **kwargs,
+) -> dict[str, float]:  # fmt: skip
+    """Complete every prompt of a JSONL file's lines and write one JSON object per line to `out`, in
+    the file's order: {"line", "completion", "prompt_tokens", "completion_tokens", "finish_reason"},
+    or {"line", "error"} for a line that cannot run (not JSON, no prompt, an empty prompt, one that
+    does not fit `capacity` tokens with its budget); the others still run. progress: a stream for a
+    progress line (prompts done, tokens/s), or None. kwargs go to `serve`. Returns counts."""
+    from minijamba.training.tokenizer import StreamDecoder
 
-    def __init__(self):
-        self.start, self.tokens = time.perf_counter(), 0
-
-    def add(self, n: int) -> float:
-        self.tokens += n
-        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+    results: dict[int, dict] = {}
+    prompts, where = [], []
+    for number, text, error in read_prompts_jsonl(lines):
+        ids = [] if text is None else tokenizer.encode(text).ids
+        if error is None and not ids:
+            error = f"line {number}: the prompt is empty (it encodes to no tokens)"
+        elif error is None and len(ids) + max_new_tokens > capacity:
+            error = (f"line {number}: the prompt has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} "
+                     f"that is more than the context of {capacity} tokens (--context)")  # fmt: skip
+        if error is not None:
+            results[number] = {"line": number, "error": error}
+        else:
+            prompts.append(ids)
+            where.append(number)
+    t0, generated = time.perf_counter(), 0
+    if prompts:
+        for done in serve(model, prompts, max_new_tokens, batch_size=batch_size, capacity=capacity, **kwargs):
+            tokens = done.tokens[:-1] if done.finish_reason == "stop" else done.tokens
+            decoder = StreamDecoder(tokenizer, prompts[done.index])
+            text = "".join(decoder.push(t) for t in tokens) + decoder.flush()
+            number = where[done.index]
+            results[number] = {
+                "line": number, "completion": text, "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": len(done.tokens), "finish_reason": done.finish_reason,
+            }  # fmt: skip
+            generated += len(done.tokens)
+            if progress is not None:
+                rate = generated / max(time.perf_counter() - t0, 1e-9)
+                finished = sum("completion" in r for r in results.values())
+                progress.write(f"\r{finished}/{len(prompts)} prompts, {generated:,} tokens, {rate:,.1f} tokens/s")
+                progress.flush()
+    if progress is not None and prompts:
+        progress.write("\n")
+    for number in sorted(results):
+        out.write(json.dumps(results[number], ensure_ascii=False) + "\n")
+    errors = sum("error" in r for r in results.values())
+    return {"prompts": len(prompts), "errors": errors, "tokens": generated,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
