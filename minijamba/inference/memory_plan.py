@@ -88,10 +88,10 @@ class MemoryPlan:
     padding: bool
     chunk_request: int | None = None  # the chunk asked for (None: the prompt in one call)
     new_tokens: int = 0  # context = prompt + new_tokens; the prompt is the longest call
-    serving: bool = False  # batch slots, each prompt prefilled alone (`serving_plan`)
     weights: dict[str, int] = field(default_factory=dict)
     state: dict[str, int] = field(default_factory=dict)
     activations: dict[str, int] = field(default_factory=dict)
+    serving: bool = False  # batch slots, each prompt prefilled alone (`serving_plan`)
 
     @property
     def weights_total(self) -> int:
