@@ -251,6 +251,30 @@ def test_empty_sequence_and_the_mamba_ssm_backend():
     assert torch.equal(mamba_ssm.causal_conv1d(x, w, bias, context, True), conv(x, w, bias, context, True))
 
 
+@pytest.mark.skipif(not GPU or importlib.util.find_spec("causal_conv1d") is None,
+                    reason="causal-conv1d's kernel needs a GPU and the package")  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_mamba_ssm_backend_conv_runs_causal_conv1d_and_matches_the_reference(dtype, monkeypatch):
+    """Without a context the mamba_ssm backend's conv is causal-conv1d's kernel (Triton's would be
+    called otherwise: it is made to fail here), equal to the reference in values and gradients."""
+    from minijamba.kernels import mamba_ssm, triton_conv
+
+    monkeypatch.setattr(triton_conv, "causal_conv1d", lambda *a, **k: pytest.fail("not causal-conv1d"))
+    a = conv_inputs(2, 64, 300, 4, 11, torch.float32)
+    x, w, bias = (a[n].to(DEVICE) for n in ("x", "weight", "bias"))
+    x = x.to(dtype).requires_grad_()
+    w, bias = w.float().requires_grad_(), bias.float().requires_grad_()
+    ours = mamba_ssm.causal_conv1d(x, w, bias, None, True)
+    ref = causal_conv1d(x.double(), w.to(dtype).double(), bias.to(dtype).double(), None, True)  # float64
+    gy = torch.randn_like(ours)
+    g_ours = torch.autograd.grad(ours, (x, w, bias), gy)
+    g_ref = torch.autograd.grad(ref, (x, w, bias), gy.double())
+    rtol = MODEL_RTOL[dtype]
+    assert_close(ours, ref, rtol, "y")
+    for name, go, gr in zip(("dx", "dweight", "dbias"), g_ours, g_ref, strict=True):
+        assert_close(go, gr, rtol, name)
+
+
 @needs_triton
 @pytest.mark.parametrize(
     "change, match",
