@@ -19,6 +19,8 @@ Parts (each `--parts` name):
 
 The decoding state's content does not change a step's time (every position is read), so a context
 is set up by marking its positions seen instead of prefilling it (as bench/gpu_decode_batched.py).
+The tokens fed are drawn at random, so that a batch routes to the experts as real traffic does (a
+batch of equal rows would read only K experts a layer, and time a step that serving never sees).
 Every decoding row carries its bandwidth bound: the bytes a step must read (the non-expert weights,
 the experts the batch routes to, 1 - (1 - K/E)^b of each layer's expected under uniform routing,
 the KV cache at each row's length, the Mamba states read and written) at the copy bandwidth
@@ -31,6 +33,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -99,16 +102,16 @@ def time_decode(model, batch: int, context: int, steps: int, warmup: int, graph:
     for row, n in enumerate(spread):
         state.valid[row, :n] = True
     step = DecodeStep(model, state, graph=graph, bucket=1024, compile=compile)
-    token = torch.zeros(batch, dtype=torch.long, device=device)
+    tokens = torch.randint(0, model.config.vocab_size, (warmup + steps, batch), device=device)
     ends = [n + 1 for n in spread]
     t_capture = time.perf_counter()
-    for _ in range(warmup):
-        token = step.rows(token, ends).argmax(-1)
+    for i in range(warmup):
+        step.rows(tokens[i], ends)
         ends = [e + 1 for e in ends]
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        token = step.rows(token, ends).argmax(-1)
+    for i in range(warmup, warmup + steps):
+        step.rows(tokens[i], ends)
         ends = [e + 1 for e in ends]
     sync(device)
     dt = (time.perf_counter() - t0) / steps
@@ -122,13 +125,13 @@ def time_decode(model, batch: int, context: int, steps: int, warmup: int, graph:
 
 def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compile=False):
     config = model.config
-    plan = serving_plan(config, context + 64 + args.steps + args.warmup, batch, quantize=args.quantize,
-                        scan_backend=config.scan_backend)  # fmt: skip
+    plan = serving_plan(config, context + 64 + args.steps + args.warmup, batch, chunk=args.prefill_chunk,
+                        quantize=args.quantize, scan_backend=config.scan_backend)  # fmt: skip
     row = dict(part=part, layout=layout, batch=batch, context=context, compiled=bool(compile),
                plan_gib=plan.total / GiB)  # fmt: skip
     if plan.total > cap:
-        row.update(fits=False, largest_batch=largest_batch(config, context, cap, quantize=args.quantize,
-                                                           scan_backend=config.scan_backend))  # fmt: skip
+        row.update(fits=False, largest_batch=largest_batch(config, context, cap, chunk=args.prefill_chunk,
+                                                           quantize=args.quantize, scan_backend=config.scan_backend))  # fmt: skip
         emit(row)
         return
     try:
@@ -140,6 +143,7 @@ def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compil
         row.update(bound_ms=1e3 * bound_s, bound_tokens_per_s=batch / bound_s,
                    of_bound=bound_s / (row["step_ms"] / 1e3))  # fmt: skip
     emit(row)
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -152,7 +156,8 @@ def engine(model, args) -> None:
     prompts = [torch.randint(0, V, (args.engine_len,), generator=g).tolist() for _ in range(args.engine_prompts)]
     sync(device)
     t0 = time.perf_counter()
-    out = generate_many(model, prompts, args.engine_new, batch_size=args.engine_slots, cuda_graph=args.graph)
+    out = generate_many(model, prompts, args.engine_new, batch_size=args.engine_slots, cuda_graph=args.graph,
+                        prefill_chunk=args.prefill_chunk)  # fmt: skip
     sync(device)
     dt = time.perf_counter() - t0
     new = sum(len(t) for t in out)
@@ -175,11 +180,11 @@ def prefill_rows(args, device, dtype, cap) -> None:
     config = JambaConfig.from_preset("jamba-v0.1", num_hidden_layers=8) if not args.smoke else JambaConfig.from_preset(
         "jamba-v0.1", **SMOKE)  # fmt: skip
     config.scan_backend = args.backend
-    for mode in ("bf16", "int8-triton", "int8-reference"):
+    for mode in args.prefill_modes:  # int8-auto: LARGE_ROWS decides (minijamba.inference.quant)
         quantize = None if mode == "bf16" else "int8"
-        os.environ["MINIJAMBA_INT8_KERNEL"] = "reference" if mode == "int8-reference" else "triton"
-        if device.type != "cuda":
-            os.environ["MINIJAMBA_INT8_KERNEL"] = "reference"
+        os.environ.pop("MINIJAMBA_INT8_KERNEL", None)
+        if mode in ("int8-triton", "int8-reference"):
+            os.environ["MINIJAMBA_INT8_KERNEL"] = mode.split("-")[1] if device.type == "cuda" else "reference"
         model = build(config, device, dtype, quantize=quantize, seed=0)
         active = active_matmul_parameters(config)
         for n in args.prefill_lens:
@@ -205,6 +210,7 @@ def prefill_rows(args, device, dtype, cap) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         del model
+        gc.collect()
     os.environ.pop("MINIJAMBA_INT8_KERNEL", None)
 
 
@@ -223,7 +229,9 @@ def main(argv=None) -> None:
     p.add_argument("--engine-len", type=int, default=1024)
     p.add_argument("--engine-new", type=int, default=128)
     p.add_argument("--engine-slots", type=int, default=64)
-    p.add_argument("--prefill-lens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--prefill-lens", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--prefill-modes", nargs="+", default=["bf16", "int8-triton", "int8-reference", "int8-auto"])
+    p.add_argument("--prefill-chunk", type=int, default=8192, help="the serving plan's and the engine's prefill chunk")
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak for the MFU (H200: 989 TFLOP/s)")
     p.add_argument("--memory-gib", type=float, default=80.0, help="cap the GPU at this much (an 80GB card)")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, without CUDA graphs")
@@ -267,6 +275,7 @@ def main(argv=None) -> None:
         if "engine" in args.parts and layout == "hybrid":
             engine(model, args)
         del model
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.out is not None:

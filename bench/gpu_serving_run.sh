@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.
 timeout 150 python -m pytest -q -x tests/test_conv.py -k "causal_conv1d_and or mamba_ssm" \
   tests/test_decode_graph.py tests/test_serving.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"
 tail -3 "$OUT/tests.log"
-for tree in before after; do
+for tree in $([ "${AB:-1}" = 1 ] && echo before after); do  # AB=0 skips the A/B
   dir=$([ $tree = before ] && echo .ab/before || echo .)
   (cd "$dir" && timeout 90 python bench/gpu_decode_batched.py --batches 1 16 64 --projections plain \
      --out "$OUT/decode_$tree.json") > "$OUT/decode_$tree.log" 2>&1

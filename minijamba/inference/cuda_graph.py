@@ -37,6 +37,8 @@ how the tests hold it to the ordinary decoding step on a CPU.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from minijamba.model import dispatch
@@ -50,7 +52,7 @@ class GraphKVCache:
     window of w slots, masked by `valid` where no token has been written yet."""
 
     def __init__(self, cache: KVCache, view: "GraphReadyState"):
-        self.cache, self.view = cache, view
+        self.cache, self.view = cache, weakref.proxy(view)  # (no cycle: the view holds this cache)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v (b, g, 1, e) -> the window's keys and values (b, g, w, e) and the mask (b, 1, 1, w)."""

@@ -58,6 +58,11 @@ from minijamba.model.moe import Experts, SparseMoE
 
 QUANTIZE_MODES = (None, "int8")
 KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference' or 'triton' (see int8_kernel)
+# Rows per expert (on average) from which a GPU casts each expert to x's dtype once and runs cuBLAS
+# (the reference) instead of the fused Triton kernel: a prefill's matmuls are bound by compute, and
+# there cuBLAS beats our grouped kernel while the one cast per expert costs little. Measured on an
+# H200 (bench/gpu_serving.py --parts prefill, bench/RESULTS.md).
+LARGE_ROWS = 512
 
 
 def check_quantize(quantize) -> None:
@@ -216,12 +221,14 @@ def grouped_int8_linear_reference(x, q, scale, ends) -> torch.Tensor:
     return torch.cat(out) if out else x.new_zeros(0, q.shape[1])
 
 
-def int8_kernel(x: torch.Tensor) -> str:
-    """Which grouped int8 matmul runs on x: $MINIJAMBA_INT8_KERNEL ('reference' or 'triton') if set,
-    else 'triton' for CUDA tensors when Triton is installed, else 'reference'."""
+def int8_kernel(x: torch.Tensor, experts: int = 1) -> str:
+    """Which grouped int8 matmul runs on x (rows for `experts` experts): $MINIJAMBA_INT8_KERNEL
+    ('reference' or 'triton') if set; else, for CUDA tensors when Triton is installed, 'triton' below
+    LARGE_ROWS rows per expert (decoding, short prompts) and 'reference' from there; else 'reference'."""
     name = os.environ.get(KERNEL_ENV)
     if name is None:
-        return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "reference"
+        fused = x.is_cuda and importlib.util.find_spec("triton") is not None
+        return "triton" if fused and x.shape[0] < LARGE_ROWS * experts else "reference"
     if name not in ("reference", "triton"):
         raise ValueError(f"${KERNEL_ENV}={name!r}: choose 'reference' or 'triton'")
     return name
@@ -230,7 +237,7 @@ def int8_kernel(x: torch.Tensor) -> str:
 def grouped_int8_linear(x, q, scale, ends) -> torch.Tensor:
     """The one dispatch point for the experts' int8 matmul (see `int8_kernel`); both twins have
     this signature and the tests hold them equal."""
-    if int8_kernel(x) == "triton":
+    if int8_kernel(x, q.shape[0]) == "triton":
         from minijamba.kernels.int8_matmul import grouped_int8_linear as fast  # lazily: optional package
 
         return fast(x, q, scale, ends)

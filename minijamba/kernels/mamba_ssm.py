@@ -60,7 +60,7 @@ def _import(module: str):
 
 def load() -> None:
     """Import mamba-ssm's scan and decoding step (ImportError if the package or its build is broken)."""
-    if not _OPS:
+    if "scan" not in _OPS:  # (the conv may be loaded already: it has its own key)
         scan = _import("mamba_ssm.ops.selective_scan_interface")
         step = _import("mamba_ssm.ops.triton.selective_state_update")
         _OPS["scan"] = scan.selective_scan_fn
