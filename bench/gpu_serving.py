@@ -13,6 +13,8 @@ Parts (each `--parts` name):
     compile   the step torch.compile-d before capture, at the --compile-batches.
     engine    `generate_many` end to end: --engine-prompts random prompts of --engine-len tokens,
               --engine-new new tokens each, in --engine-slots slots (prefill included).
+    profile   where a decoding step's time goes, at --profile-batches: CUDA kernels by kind
+              (torch.profiler over 5 graph replays), with their count a step.
     prefill   prefill tokens/s of one 8-layer block of Jamba-v0.1 (so bf16 experts fit): bf16
               experts, and int8 experts through our Triton grouped kernel and through the
               reference (each expert cast to bf16, one cuBLAS matmul), with the MFU.
@@ -149,6 +151,54 @@ def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compil
         torch.cuda.reset_peak_memory_stats()
 
 
+KINDS = (  # kernel name fragments -> kind, first match wins
+    ("grouped_int8", "int8 experts"), ("_step_kernel", "SSM step"), ("conv", "conv"),
+    ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"), ("softmax", "attention"),
+    ("gemv", "matmul"), ("gemm", "matmul"), ("nvjet", "matmul"), ("cutlass", "matmul"), ("sm90", "matmul"),
+    ("index", "indexing"), ("scatter", "indexing"), ("gather", "indexing"), ("sort", "indexing"),
+    ("reduce", "reductions"), ("elementwise", "elementwise"), ("vectorized", "elementwise"),
+)  # fmt: skip
+
+
+def profile(model, batch: int, context: int, args) -> None:
+    """CUDA kernel time of one decoding step by kind, over 5 graph replays after the capture."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = model.embed_tokens.weight.device
+    state = model.new_state(batch, context + 16)
+    state.valid[:, :context] = True
+    step = DecodeStep(model, state, graph=args.graph, bucket=1024)
+    tokens = torch.randint(0, model.config.vocab_size, (8, batch), device=device)
+    ends = [context + 1] * batch
+    for i in range(3):
+        step.rows(tokens[i], [e + i for e in ends])
+    sync(device)
+    what = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]  # (CPU: the smoke run)
+    with torch_profile(activities=what) as prof:
+        for i in range(3, 8):
+            step.rows(tokens[i], [e + i for e in ends])
+        sync(device)
+    kinds: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        us = e.device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if us <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        name = e.key.lower()
+        kind = next((k for frag, k in KINDS if frag in name), "other")
+        acc = kinds.setdefault(kind, [0.0, 0])
+        acc[0] += us / 5 / 1e3
+        acc[1] += e.count / 5
+    top = sorted(((getattr(e, "device_time_total", 0.0) / 5 / 1e3, e.key[:90]) for e in prof.key_averages()), reverse=True)[:8]
+    emit(dict(part="profile", batch=batch, context=context,
+              kernel_ms=round(sum(v[0] for v in kinds.values()), 3),
+              kernels_a_step=round(sum(v[1] for v in kinds.values())),
+              by_kind={k: dict(ms=round(v[0], 3), kernels=round(v[1])) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+              top=[dict(ms=round(ms, 3), kernel=k) for ms, k in top]))  # fmt: skip
+    del step, state
+    gc.collect()
+
+
 def engine(model, args) -> None:
     device = model.embed_tokens.weight.device
     g = torch.Generator().manual_seed(0)
@@ -222,6 +272,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=8192)
     p.add_argument("--new", type=int, default=512, help="new tokens: rows are timed at prompt + new/2")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 262144])
+    p.add_argument("--profile-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--compile-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
@@ -272,6 +323,9 @@ def main(argv=None) -> None:
                     decode_row(model, "compile", layout, b, mid, args, bandwidth, cap, compile=True)
                 except Exception as e:  # a compile failure is a result too
                     emit(dict(part="compile", layout=layout, batch=b, error=f"{type(e).__name__}: {str(e)[:300]}"))
+        if "profile" in args.parts and layout == "hybrid":
+            for b in args.profile_batches:
+                profile(model, b, mid, args)
         if "engine" in args.parts and layout == "hybrid":
             engine(model, args)
         del model

@@ -62,3 +62,27 @@ def test_sass_offline_compiles_the_backward_for_sm90(tmp_path):
     assert len(loops) >= 2 and min(loops) < max(loops)  # the state loop inside the chunk loop
     assert (tmp_path / "bwd.sass").read_text().count("SHFL") > 0
     assert "SHFL from triton_scan_" in out
+
+
+def test_gpu_serving_smoke(tmp_path, capsys):
+    """bench/gpu_serving.py's parts run end to end on a tiny model on the CPU (no graphs, no compile)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_serving", BENCH.with_name("gpu_serving.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "serving.json"
+    mod.main(["--smoke", "--parts", "batch", "context", "engine", "prefill", "profile", "--batches", "1", "3",
+              "--contexts", "128", "--prompt", "64", "--new", "8", "--steps", "2", "--warmup", "1",
+              "--engine-prompts", "4", "--engine-len", "9", "--engine-new", "3", "--engine-slots", "2",
+              "--prefill-lens", "32", "--prefill-modes", "bf16", "int8-auto", "--profile-batches", "2",
+              "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())
+    parts = {r["part"] for r in rows}
+    assert parts == {"device", "batch", "context", "engine", "prefill", "profile"}
+    batch = [r for r in rows if r["part"] == "batch"]
+    assert {r["layout"] for r in batch} == {"hybrid", "attention"}
+    assert all(r["fits"] and r["tokens_per_s"] > 0 for r in batch)
+    engine = next(r for r in rows if r["part"] == "engine")
+    assert engine["prompts"] == 4 and engine["new_tokens_per_s"] > 0
+    assert next(r for r in rows if r["part"] == "profile")["kernels_a_step"] > 0
