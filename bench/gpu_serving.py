@@ -17,8 +17,7 @@ Parts (each `--parts` name):
               (torch.profiler over 5 graph replays), with their count a step.
     prefill   prefill tokens/s of one 8-layer block of Jamba-v0.1 (so bf16 experts fit): bf16
               experts, and int8 experts through our Triton grouped kernel and through the
-              reference (each expert cast to bf16, one cuBLAS matmul) and dequantized four experts
-              at a time into one grouped GEMM, and as chosen by LARGE_ROWS, with the MFU.
+              reference (each expert cast to bf16, one cuBLAS matmul), with the MFU.
 
 The decoding state's content does not change a step's time (every position is read), so a context
 is set up by marking its positions seen instead of prefilling it (as bench/gpu_decode_batched.py).
@@ -234,7 +233,7 @@ def prefill_rows(args, device, dtype, cap) -> None:
     for mode in args.prefill_modes:  # int8-auto: LARGE_ROWS decides (minijamba.inference.quant)
         quantize = None if mode == "bf16" else "int8"
         os.environ.pop("MINIJAMBA_INT8_KERNEL", None)
-        if mode in ("int8-triton", "int8-reference", "int8-dequant"):
+        if mode in ("int8-triton", "int8-reference"):
             os.environ["MINIJAMBA_INT8_KERNEL"] = mode.split("-")[1] if device.type == "cuda" else "reference"
         model = build(config, device, dtype, quantize=quantize, seed=0)
         active = active_matmul_parameters(config)
@@ -282,7 +281,7 @@ def main(argv=None) -> None:
     p.add_argument("--engine-new", type=int, default=128)
     p.add_argument("--engine-slots", type=int, default=64)
     p.add_argument("--prefill-lens", type=int, nargs="+", default=[2048, 8192, 32768])
-    p.add_argument("--prefill-modes", nargs="+", default=["bf16", "int8-triton", "int8-reference", "int8-dequant", "int8-auto"])
+    p.add_argument("--prefill-modes", nargs="+", default=["bf16", "int8-triton", "int8-reference", "int8-auto"])
     p.add_argument("--prefill-chunk", type=int, default=8192, help="the serving plan's and the engine's prefill chunk")
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak for the MFU (H200: 989 TFLOP/s)")
     p.add_argument("--memory-gib", type=float, default=80.0, help="cap the GPU at this much (an 80GB card)")

@@ -59,28 +59,6 @@ def test_kernel_equals_reference(counts, O, I, dtype, shape, seed):
     assert_close(got, expected, TOL[dtype], f"{shape} launch, {dtype}")
 
 
-@settings(max_examples=15, deadline=None)
-@given(
-    st.lists(st.integers(0, 30), min_size=1, max_size=9),  # rows per expert, zeros included: > GROUP experts
-    st.sampled_from([8, 16, 24]),  # o (aligned: the grouped GEMM's kernel) or
-    st.sampled_from([8, 16, 13]),  # i (13: not aligned, its one-matmul-a-group fallback)
-    st.sampled_from([torch.float32, torch.bfloat16]),
-    seeds,
-)
-def test_dequantized_grouped_gemm_equals_reference(counts, o, i, dtype, seed):
-    """The prefill path (GROUP experts dequantized at a time, scale folded in, one grouped GEMM)
-    computes the reference's product; in bf16 the folded scale rounds each weight to bf16 once."""
-    n = len(counts)
-    q, scale = quantize_rows(torch.randn(n, o, i, generator=gen(seed)))
-    ends = torch.tensor(counts).cumsum(0)
-    x = torch.randn(sum(counts), i, generator=gen(seed + 1)).to(dtype)
-    q, scale, ends, x = q.to(DEVICE), scale.to(DEVICE), ends.to(DEVICE), x.to(DEVICE)
-    got = triton_kernel.grouped_int8_linear_dequantized(x, q, scale, ends)
-    expected = grouped_int8_linear_reference(x.float(), q, scale, ends)
-    assert got.dtype == dtype and got.shape == (sum(counts), o)
-    assert_close(got, expected, {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype], f"dequantized, {dtype}")
-
-
 def test_int8_experts_model_runs_the_same_with_either_kernel(monkeypatch):
     model = build(JambaConfig.from_preset("tiny", hidden_size=64, intermediate_size=64), device=DEVICE,
                   dtype=torch.float32, quantize="int8")  # fmt: skip
@@ -105,13 +83,7 @@ def test_kernel_choice(monkeypatch):
         from minijamba.inference.quant import LARGE_ROWS
 
         rows = torch.zeros(LARGE_ROWS * 4, 8, device="cuda")
-        assert int8_kernel(rows[:-1], 4) == "triton" and int8_kernel(rows, 4) == "dequant"
+        assert int8_kernel(rows[:-1], 4) == "triton" and int8_kernel(rows, 4) == "reference"
     monkeypatch.setenv(KERNEL_ENV, "cutlass")
     with pytest.raises(ValueError, match="reference"):
         int8_kernel(x)
-
-
-def test_the_memory_plan_counts_the_dequantized_group():
-    from minijamba.inference import memory_plan
-
-    assert memory_plan.DEQUANT_GROUP == triton_kernel.GROUP

@@ -41,9 +41,7 @@ The activation terms, per layer kind (bytes; x is the dtype's size):
                   kernel needs no mask and no scores (flash attention).
     moe           the K copies of each token (t K, h), expert outputs before and after the
                   concatenation, the gate/up projection (t K, 2f) and its SiLU product: about
-                  t K (3 h + 4 f) x; int8 experts add the weights cast to x at once: one
-                  expert's, 3 f h x, or from LARGE_ROWS rows an expert (a long prefill chunk,
-                  dequantized into a grouped GEMM) 4 experts' gate/up projections, 8 f h x
+                  t K (3 h + 4 f) x; int8 experts add one expert's weights cast to x: 3 f h x
     mlp           gate, up, SiLU(gate) and the product: 4 t f x
     logits        the last position's logits, b V x, and a float32 copy: 4 b V
 
@@ -66,7 +64,6 @@ GiB = 2**30
 # Float32 (b, c, d, n) tensors alive at once inside each scan backend's prefill (see above).
 SCAN_STATE_TENSORS = {"reference": 6, "cpu": 4}
 DEFAULT_SCAN_STATE_TENSORS = 0  # fused kernels (mamba-ssm, Triton): the state stays on chip
-DEQUANT_GROUP = 4  # experts an int8 prefill dequantizes at once (held to int8_matmul.GROUP by a test)
 
 
 class DoesNotFit(ValueError):
@@ -182,12 +179,7 @@ def activation_bytes(
         if padding:
             out["attention"] += 3 * b * c * s + 8 * b * q * c * s
     if any(moe):
-        from minijamba.inference.quant import LARGE_ROWS  # (lazily: quant imports the model)
-
-        # a prefill of LARGE_ROWS rows an expert dequantizes DEQUANT_GROUP experts at once
-        group = DEQUANT_GROUP if t * K >= LARGE_ROWS * config.num_experts else 1
-        dequantized = max(3, 2 * group) * f * h * x
-        out["moe"] = t * K * (3 * h + 4 * f) * x + (dequantized if quantize else 0)
+        out["moe"] = t * K * (3 * h + 4 * f) * x + (3 * f * h * x if quantize else 0)
     if not all(moe):
         out["mlp"] = 4 * t * f * x
     out["logits"] = b * V * x + 4 * b * V

@@ -57,11 +57,10 @@ from minijamba.kernels.moe_dispatch import combine, gather_rows, sort_by_expert
 from minijamba.model.moe import Experts, SparseMoE
 
 QUANTIZE_MODES = (None, "int8")
-KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference', 'triton' or 'dequant' (see int8_kernel)
-INT8_KERNELS = ("reference", "triton", "dequant")
-# Rows per expert (on average) from which a GPU dequantizes the experts (a few at a time) into one
-# grouped GEMM instead of running the fused Triton kernel: a prefill's matmuls are bound by compute,
-# and there cuBLAS beats our kernel while one pass over the weights costs little. Measured on an
+KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference' or 'triton' (see int8_kernel)
+# Rows per expert (on average) from which a GPU casts each expert to x's dtype once and runs cuBLAS
+# (the reference) instead of the fused Triton kernel: a prefill's matmuls are bound by compute, and
+# there cuBLAS beats our grouped kernel while the one cast per expert costs little. Measured on an
 # H200 (bench/gpu_serving.py --parts prefill, bench/RESULTS.md).
 LARGE_ROWS = 512
 
@@ -224,27 +223,23 @@ def grouped_int8_linear_reference(x, q, scale, ends) -> torch.Tensor:
 
 def int8_kernel(x: torch.Tensor, experts: int = 1) -> str:
     """Which grouped int8 matmul runs on x (rows for `experts` experts): $MINIJAMBA_INT8_KERNEL
-    ('reference', 'triton' or 'dequant') if set; else, for CUDA tensors when Triton is installed,
-    'triton' below LARGE_ROWS rows per expert (decoding, short prompts) and 'dequant' from there;
-    else 'reference'."""
+    ('reference' or 'triton') if set; else, for CUDA tensors when Triton is installed, 'triton' below
+    LARGE_ROWS rows per expert (decoding, short prompts) and 'reference' from there; else 'reference'."""
     name = os.environ.get(KERNEL_ENV)
     if name is None:
-        if not x.is_cuda or importlib.util.find_spec("triton") is None:
-            return "reference"
-        return "triton" if x.shape[0] < LARGE_ROWS * experts else "dequant"
-    if name not in INT8_KERNELS:
-        raise ValueError(f"${KERNEL_ENV}={name!r}: choose 'reference', 'triton' or 'dequant'")
+        fused = x.is_cuda and importlib.util.find_spec("triton") is not None
+        return "triton" if fused and x.shape[0] < LARGE_ROWS * experts else "reference"
+    if name not in ("reference", "triton"):
+        raise ValueError(f"${KERNEL_ENV}={name!r}: choose 'reference' or 'triton'")
     return name
 
 
 def grouped_int8_linear(x, q, scale, ends) -> torch.Tensor:
     """The one dispatch point for the experts' int8 matmul (see `int8_kernel`); both twins have
     this signature and the tests hold them equal."""
-    kernel = int8_kernel(x, q.shape[0])
-    if kernel != "reference":
-        from minijamba.kernels import int8_matmul  # lazily: optional package
+    if int8_kernel(x, q.shape[0]) == "triton":
+        from minijamba.kernels.int8_matmul import grouped_int8_linear as fast  # lazily: optional package
 
-        fast = int8_matmul.grouped_int8_linear if kernel == "triton" else int8_matmul.grouped_int8_linear_dequantized
         return fast(x, q, scale, ends)
     return grouped_int8_linear_reference(x, q, scale, ends)
 

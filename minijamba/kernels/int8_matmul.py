@@ -107,32 +107,3 @@ def grouped_int8_linear(
         BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=x.dtype == torch.float32, num_warps=warps,
     )  # fmt: skip
     return y
-
-
-GROUP = 4  # experts dequantized at a time by `grouped_int8_linear_dequantized` (its extra memory)
-
-
-def grouped_int8_linear_dequantized(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor
-) -> torch.Tensor:
-    """The same product as `grouped_int8_linear`, for many rows per expert (a prefill): GROUP experts
-    at a time are dequantized into x's dtype, the scale folded into the weights, and run as one
-    grouped GEMM (`F.grouped_mm`, cuBLAS's on a GPU). There the matmuls are bound by compute, and
-    one pass over the weights per call costs little against them; the extra memory is GROUP
-    experts' weights in x's dtype. One host synchronisation (the row counts) per call.
-
-    x (t*K, i); q (E, o, i) int8; scale (E, o) float32; ends (E,) -> (t*K, o) in x's dtype."""
-    from minijamba.kernels.moe_dispatch import _grouped_linear
-
-    E = q.shape[0]
-    bounds = [0] + ends.tolist()  # (E + 1,) row offsets, on the host
-    out = []
-    for a in range(0, E, GROUP):
-        b = min(a + GROUP, E)
-        lo, hi = bounds[a], bounds[b]
-        if hi == lo:
-            continue
-        w = q[a:b].to(x.dtype) * scale[a:b, :, None].to(x.dtype)  # (G, o, i): the scale folded in
-        offs = (ends[a:b] - lo).to(torch.int32)  # (G,) cumulative rows within the group
-        out.append(_grouped_linear(x[lo:hi], w, offs))
-    return torch.cat(out) if out else x.new_zeros(0, q.shape[1])
