@@ -267,7 +267,7 @@ def prefill_rows(args, device, dtype, cap) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", default=["batch", "context", "compile", "engine", "prefill"])
-    p.add_argument("--layouts", nargs="+", default=["hybrid", "attention"])
+    p.add_argument("--layouts", nargs="*", default=["hybrid", "attention"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 24, 32, 64, 96, 128, 160])
     p.add_argument("--prompt", type=int, default=8192)
     p.add_argument("--new", type=int, default=512, help="new tokens: rows are timed at prompt + new/2")
