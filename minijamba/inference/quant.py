@@ -62,7 +62,7 @@ KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference' or 'triton' (see int8_kernel
 # (the reference) instead of the fused Triton kernel: a prefill's matmuls are bound by compute, and
 # there cuBLAS beats our grouped kernel while the one cast per expert costs little. Measured on an
 # H200 (bench/gpu_serving.py --parts prefill, bench/RESULTS.md).
-LARGE_ROWS = 512
+LARGE_ROWS = 2048
 
 
 def check_quantize(quantize) -> None:

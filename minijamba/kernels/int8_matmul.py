@@ -34,8 +34,10 @@ import triton.language as tl
 
 # (BLOCK_T, BLOCK_O, BLOCK_I, num_warps) for few rows per expert (decoding) and for many (prefill).
 # tl.dot needs at least 16 rows: a decoding step wastes the masked ones, but it is bound by the
-# weight bytes anyway.
-CONFIG = {"small": (16, 32, 128, 4), "large": (64, 128, 64, 4)}
+# weight bytes anyway. "large_sm90": the prefill tile on Hopper (H100/H200), whose shared memory
+# holds its 64 KiB a stage: the fastest of bench/gpu_int8_sweep.py on an H200 at Jamba-v0.1's
+# expert shapes, 1.25-1.49x faster than "large" (bench/RESULTS.md, 2026-12-03).
+CONFIG = {"small": (16, 32, 128, 4), "large": (64, 128, 64, 4), "large_sm90": (128, 256, 128, 8)}
 SMALL_ROWS = 64  # at most this many rows per expert on average: the "small" shape
 
 
@@ -81,6 +83,13 @@ def _grouped_int8_kernel(
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
+def _shape(x: torch.Tensor, small: bool) -> str:
+    if small:
+        return "small"
+    hopper = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return "large_sm90" if hopper else "large"
+
+
 def grouped_int8_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor
 ) -> torch.Tensor:
@@ -97,7 +106,7 @@ def grouped_int8_linear(
     ends = ends.to(torch.int64)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows per expert
     starts = ends - counts
-    BLOCK_T, BLOCK_O, BLOCK_I, warps = CONFIG["small" if rows <= SMALL_ROWS * E else "large"]
+    BLOCK_T, BLOCK_O, BLOCK_I, warps = CONFIG[_shape(x, rows <= SMALL_ROWS * E)]
     blocks = (counts + BLOCK_T - 1) // BLOCK_T  # row blocks per expert
     block_start = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])  # (E + 1,)
     grid = (triton.cdiv(n_out, BLOCK_O), triton.cdiv(rows, BLOCK_T) + E)
