@@ -151,3 +151,17 @@ def _numel(shape) -> int:
     for s in shape:
         out *= int(s)
     return out
+
+
+def read_json_object(path, error: type[ValueError] = ValueError, what: str = "the file is corrupt") -> dict:
+    """The JSON object in the file at `path`; `error` (a ValueError) naming the file if it is not
+    JSON or holds something other than an object (`what` says what that means)."""
+    import json
+
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}): the file is corrupt") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path} should hold a JSON object: {what}")
+    return obj

@@ -50,7 +50,6 @@ hub cache snapshot loads as it is: a file in `<repo>/snapshots/<revision>/` may 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -59,7 +58,7 @@ import torch
 from torch import nn
 
 from minijamba import atomic
-from minijamba.checks import check_size
+from minijamba.checks import check_size, read_json_object
 from minijamba.model.config import JambaConfig
 from minijamba.model.jamba import FLOAT32_PARAMS, Jamba, cast_parameters, keeps_float32 as _fp32  # noqa: F401
 
@@ -164,11 +163,8 @@ def _weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
         _inside(index, folder)
-        try:
-            obj = json.loads(index.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{index} is not valid JSON ({e}): the file is corrupt") from None
-        weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+        obj = read_json_object(index, what="it has no 'weight_map': it is not a safetensors index")
+        weight_map = obj.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map': it is not a safetensors index")
         for key, value in weight_map.items():
@@ -200,12 +196,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _read_config(folder: Path) -> JambaConfig:
     path = _inside(folder / CONFIG_NAME, folder)
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the file is corrupt") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path} should hold a JSON object: it is not a config.json")
+    hf = read_json_object(path, what="it is not a config.json")
     try:
         return JambaConfig.from_hf(hf)
     except (TypeError, ValueError) as e:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from minijamba import atomic
-from minijamba.checks import first_non_finite
+from minijamba.checks import first_non_finite, read_json_object
 from minijamba.training import tokenizer as tk
 from minijamba.model.config import JambaConfig
 
@@ -284,13 +284,7 @@ class Checkpoint:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): the file is corrupt") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} should hold a JSON object: the file is corrupt")
-    return obj
+    return read_json_object(path, CheckpointError)
 
 
 def _read_safetensors(path: Path, manifest: dict | None) -> tuple[dict[str, torch.Tensor], dict]:
