@@ -26,6 +26,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--float-experts", action="store_true", help="bf16 (smoke: float32) experts instead of int8")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.smoke:
@@ -34,7 +35,7 @@ def main(argv=None) -> dict:
     else:
         config = JambaConfig.from_preset("jamba-v0.1")
         config.scan_backend, device, dtype = "triton", torch.device("cuda"), torch.bfloat16
-    model = build(config, device, dtype, quantize="int8", seed=0)
+    model = build(config, device, dtype, quantize=None if args.float_experts else "int8", seed=0)
     state = model.new_state(args.batch, args.context + 8)
     state.valid[:, : args.context] = True
     step = DecodeStep(model, state, graph=False)
