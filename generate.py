@@ -277,7 +277,7 @@ def serve_file(args, model, tok, device) -> int:
         counts = run_jsonl(
             model, tok, lines, out, args.max_new_tokens, slots, context, progress=sys.stderr,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            eos_token_id=model.config.eos_token_id, prefill_chunk=args.prefill_chunk,
+            eos_token_id=model.config.end_tokens(), prefill_chunk=args.prefill_chunk,
             generator=torch.Generator(device=device).manual_seed(args.seed),
             cuda_graph=args.fast and device.type == "cuda",
         )  # fmt: skip
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     config = model.config
-    stop = config.eos_token_id
+    stops = set(config.end_tokens())  # any of them ends a sample (Jamba 1.5 has two)
     x = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = sys.stdout
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                                      compile_step=args.compile)  # fmt: skip
             for token in stream:
                 total_tokens += 1
-                if stop is not None and int(token[0]) == stop:
+                if int(token[0]) in stops:
                     break
                 out.write(decoder.push(int(token[0])))
                 out.flush()

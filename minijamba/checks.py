@@ -78,14 +78,18 @@ def type_problem(value, hint) -> str | None:
     """What `value` should be if it does not match the type annotation `hint`, else None.
 
     int: an int, not a bool; float: a finite int or float, not a bool; bool: a bool; str: a str;
-    dict: a dict; tuple[X, Y]: a tuple or list of that length and those types; a union (X | None):
-    any of its members. Other annotations are not checked."""
+    dict: a dict; tuple[X, Y]: a tuple or list of that length and those types; list[X]: a list of
+    X; a union (X | None): any of its members. Other annotations are not checked."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         problems = [type_problem(value, a) for a in args]
         return None if None in problems else " or ".join(problems)
     if hint is type(None):
         return None if value is None else "None"
+    if origin is list:
+        if not isinstance(value, list) or any(type_problem(v, args[0]) for v in value):
+            return f"a list of {_WORDS.get(args[0], str(args[0]))[3:]}s"  # "a list of integers"
+        return None
     if origin is tuple:
         if not isinstance(value, (tuple, list)) or len(value) != len(args) or any(
             type_problem(v, a) for v, a in zip(value, args)

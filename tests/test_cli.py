@@ -349,3 +349,28 @@ def test_prompts_file_batch_size_auto_and_refusals(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--out-dir", str(trained), "--prompt", "x", "--output", "o.jsonl"])
     assert "go with --prompts-file" in capsys.readouterr().err
+
+
+def test_generation_stops_at_any_of_the_end_tokens(trained, tmp_path, capsys):
+    """A config.json with a list of end tokens (as Jamba 1.5's): generate.py stops at any of them,
+    not only at the first (the list used to be cut to its first entry)."""
+    from minijamba.inference.generation import generate as lib_generate
+    from minijamba.training import checkpoint
+
+    model, tok = checkpoint.load_model(trained)
+    ids = tok.encode("import os").ids
+    first = int(lib_generate(model.eval(), torch.tensor([ids]), 1)[0, -1])
+    eot = model.config.eos_token_id
+    assert isinstance(eot, int) and first != eot  # the list's second entry is what must stop it
+    d = tmp_path / "c"
+    d.mkdir()
+    for f in trained.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    config = json.loads((d / "config.json").read_text())
+    config["eos_token_id"] = [eot, first]
+    (d / "config.json").write_text(json.dumps(config))
+    argv = ["--max-new-tokens", "6", "--temperature", "0", "--prompt", "import os"]
+    assert generate.main(["--out-dir", str(trained), *argv]) == 0
+    assert capsys.readouterr().out != "import os\n"  # without the list it goes on
+    assert generate.main(["--out-dir", str(d), *argv]) == 0
+    assert capsys.readouterr().out == "import os\n"  # the first new token ends it

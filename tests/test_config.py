@@ -230,7 +230,11 @@ def test_from_hf_accepts_transformers_spellings():
     c = JambaConfig.from_hf(hf)
     assert c.num_experts == 16
     assert c.num_key_value_heads == c.num_attention_heads  # None means no grouping
-    assert c.eos_token_id == 2
+    assert c.eos_token_id == [2, 5] and c.end_tokens() == (2, 5)  # every end token is kept
+    assert JambaConfig.from_hf({**hf, "eos_token_id": [7]}).eos_token_id == 7
+    assert JambaConfig.from_hf({**hf, "eos_token_id": []}).end_tokens() == ()
+    with pytest.raises(ValueError, match="eos_token_id must be an integer or a list of integers or None"):
+        JambaConfig.from_hf({**hf, "eos_token_id": [2, "x"]})
     assert c.scan_backend is None
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         JambaConfig.from_hf({**hf, "num_experts_per_tok": 17})

@@ -63,7 +63,7 @@ class JambaConfig:
     max_position_embeddings: int = 262144  # informational only: Jamba has no positional encoding
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2  # the end token, or several (Jamba 1.5: end of text and of a turn)
     # --- minijamba only (not in transformers' config.json) -----------------------------------
     # Selective-scan implementation (see minijamba.kernels); None = $MINIJAMBA_SCAN_BACKEND or "reference".
     scan_backend: str | None = None
@@ -233,10 +233,15 @@ class JambaConfig:
         if hf.get("num_key_value_heads") is None:
             hf["num_key_value_heads"] = hf.get("num_attention_heads", cls.num_attention_heads)
         eos = hf.get("eos_token_id")
-        if isinstance(eos, list):
-            hf["eos_token_id"] = eos[0] if eos else None
+        if isinstance(eos, list):  # every one of them ends generation; one is kept as an int
+            hf["eos_token_id"] = (eos[0] if len(eos) == 1 else list(eos)) if eos else None
         names = {f.name for f in dataclasses.fields(cls)} - {"scan_backend"}
         return cls(**{k: v for k, v in hf.items() if k in names})
+
+    def end_tokens(self) -> tuple[int, ...]:
+        """The ids that end generation: `eos_token_id` as a tuple (empty when it is None)."""
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
     def to_hf(self) -> dict:
         """The dict of a `config.json` that transformers' JambaForCausalLM reads."""
