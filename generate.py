@@ -243,7 +243,7 @@ def serve_file(args, model, tok, device) -> int:
     import torch
 
     from minijamba.inference.memory_plan import GiB, available_bytes, largest_batch, serving_plan
-    from minijamba.inference.serving import read_prompts_jsonl, run_jsonl
+    from minijamba.inference.serving import encode_prompts_jsonl, run_jsonl
 
     path = Path(args.prompts_file)
     if not path.is_file():
@@ -252,7 +252,8 @@ def serve_file(args, model, tok, device) -> int:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts-file {path} is not UTF-8 text (at byte {e.start})") from None
-    lengths = [len(tok.encode(text).ids) for _, text, err in read_prompts_jsonl(lines) if err is None]
+    records = encode_prompts_jsonl(lines, tok)  # (line, token ids, error), each prompt encoded once
+    lengths = [len(ids) for _, ids, err in records if err is None]
     if not any(lengths):
         raise ValueError(f'--prompts-file {path} has no prompt to run: no line of the form {{"prompt": "text"}}')
     context = args.context or max(lengths) + args.max_new_tokens
@@ -275,7 +276,7 @@ def serve_file(args, model, tok, device) -> int:
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         counts = run_jsonl(
-            model, tok, lines, out, args.max_new_tokens, slots, context, progress=sys.stderr,
+            model, tok, records, out, args.max_new_tokens, slots, context, progress=sys.stderr,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             eos_token_id=model.config.end_tokens(), prefill_chunk=args.prefill_chunk,
             generator=torch.Generator(device=device).manual_seed(args.seed),

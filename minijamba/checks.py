@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import re
 import types
@@ -160,8 +161,6 @@ def _numel(shape) -> int:
 def read_json_object(path, error: type[ValueError] = ValueError, what: str = "the file is corrupt") -> dict:
     """The JSON object in the file at `path`; `error` (a ValueError) naming the file if it is not
     JSON or holds something other than an object (`what` says what that means)."""
-    import json
-
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -226,11 +226,16 @@ def with_context(p: MemoryPlan, context: int) -> MemoryPlan:
 
 def largest_context(p: MemoryPlan, available: int, limit: int = 2**26) -> int:
     """The largest context (same batch, chunk, dtype...) whose plan fits in `available` bytes; 0 if none."""
+    return _largest(lambda s: with_context(p, s).total <= available, limit)
 
+
+def _largest(fits, limit: int) -> int:
+    """The largest n in [0, limit] for which fits(n), where plans grow with n (so fits holds up to
+    some n and not after it); 0 if none."""
     lo, hi = 0, limit
-    while lo < hi:  # the largest s that fits; plans grow with s
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if with_context(p, mid).total <= available:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1
@@ -245,27 +250,28 @@ def serving_plan(
     state; the activations of the larger of its two calls, one prompt's prefill (1 row, chunk tokens
     of context - 1 at most) and one decoding step of every row (slots rows, 1 token, attention over
     the masked window)."""
-    p = plan(config, context, 1, chunk, dtype, quantize, scan_backend, new_tokens=1)
+    return with_slots(plan(config, context, 1, chunk, dtype, quantize, scan_backend, new_tokens=1), slots)
+
+
+def with_slots(prompt: MemoryPlan, slots: int) -> MemoryPlan:
+    """The serving plan of `slots` slots from `prompt`, the plan of one prompt's generation (batch 1,
+    one new token): its weights and its prefill's activations are reused, not recounted."""
+    p = prompt
     out = MemoryPlan(
-        config, slots, context, p.chunk, dtype, quantize, p.scan_backend, True, chunk, 1, p.weights,
+        p.config, slots, p.context, p.chunk, p.dtype, p.quantize, p.scan_backend, True, p.chunk_request, 1,
+        p.weights, serving=True,
     )  # fmt: skip
-    out.serving = True
-    out.state = plan_nbytes(config, slots, context, dtype)
-    step = activation_bytes(config, slots, 1, context, dtype, quantize, p.scan_backend, padding=True)
+    out.state = plan_nbytes(p.config, slots, p.context, p.dtype)
+    step = activation_bytes(p.config, slots, 1, p.context, p.dtype, p.quantize, p.scan_backend, padding=True)
     out.activations = {k: max(p.activations.get(k, 0), step.get(k, 0)) for k in p.activations.keys() | step.keys()}
     return out
 
 
 def largest_batch(config: JambaConfig, context: int, available: int, limit: int = 2**16, **kwargs) -> int:
-    """The most slots of `context` tokens whose `serving_plan` fits in `available` bytes; 0 if none."""
-    lo, hi = 0, limit
-    while lo < hi:  # plans grow with the slots
-        mid = (lo + hi + 1) // 2
-        if serving_plan(config, context, mid, **kwargs).total <= available:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """The most slots of `context` tokens whose `serving_plan` fits in `available` bytes; 0 if none.
+    kwargs: serving_plan's chunk, dtype, quantize and scan_backend."""
+    prompt = plan(config, context, 1, new_tokens=1, **kwargs)  # the weights counted once
+    return _largest(lambda n: with_slots(prompt, n).total <= available, limit)
 
 
 def available_bytes(device, reserve: int = GiB) -> int:

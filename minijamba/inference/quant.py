@@ -44,7 +44,6 @@ backend: it exists to run a full-size model, and a loop over experts would cast 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from types import SimpleNamespace
 
@@ -53,12 +52,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from minijamba.model.config import JambaConfig
+from minijamba.kernels import INSTALLED
 from minijamba.kernels.moe_dispatch import combine, gather_rows, sort_by_expert
 from minijamba.model.moe import Experts, SparseMoE
 
 QUANTIZE_MODES = (None, "int8")
-# Looked up once: torch.compile cannot trace importlib, and a decoding step asks on every MoE layer.
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference' or 'triton' (see int8_kernel)
 # Rows per expert (on average) from which a GPU casts each expert to x's dtype once and runs cuBLAS
 # (the reference) instead of the fused Triton kernel: a prefill's matmuls are bound by compute, and
@@ -229,7 +227,7 @@ def int8_kernel(x: torch.Tensor, experts: int = 1) -> str:
     LARGE_ROWS rows per expert (decoding, short prompts) and 'reference' from there; else 'reference'."""
     name = os.environ.get(KERNEL_ENV)
     if name is None:
-        fused = x.is_cuda and TRITON_INSTALLED
+        fused = x.is_cuda and INSTALLED["triton"]  # (looked up once: torch.compile cannot trace importlib)
         return "triton" if fused and x.shape[0] < LARGE_ROWS * experts else "reference"
     if name not in ("reference", "triton"):
         raise ValueError(f"${KERNEL_ENV}={name!r}: choose 'reference' or 'triton'")

@@ -179,12 +179,18 @@ def read_prompts_jsonl(lines: Sequence[str]) -> list[tuple[int, str | None, str 
     return out
 
 
+def encode_prompts_jsonl(lines: Sequence[str], tokenizer) -> list[tuple[int, list[int] | None, str | None]]:
+    """`read_prompts_jsonl` with each prompt encoded: (line number, token ids, error)."""
+    return [(n, None if text is None else tokenizer.encode(text).ids, error)
+            for n, text, error in read_prompts_jsonl(lines)]  # fmt: skip
+
+
 def run_jsonl(
-    model, tokenizer, lines: Sequence[str], out, max_new_tokens: int, batch_size: int, capacity: int,
-    progress=None, **kwargs,
+    model, tokenizer, records: Sequence[tuple[int, list[int] | None, str | None]], out, max_new_tokens: int,
+    batch_size: int, capacity: int, progress=None, **kwargs,
 ) -> dict[str, float]:  # fmt: skip
-    """Complete every prompt of a JSONL file's lines and write one JSON object per line to `out`, in
-    the file's order: {"line", "completion", "prompt_tokens", "completion_tokens", "finish_reason"},
+    """Complete every prompt of a JSONL file (its `encode_prompts_jsonl` records) and write one JSON
+    object per line to `out`, in the file's order: {"line", "completion", "prompt_tokens", "completion_tokens", "finish_reason"},
     or {"line", "error"} for a line that cannot run (not JSON, no prompt, an empty prompt, one that
     does not fit `capacity` tokens with its budget); the others still run. progress: a stream for a
     progress line (prompts done, tokens/s), or None. kwargs go to `serve`. Returns counts."""
@@ -192,8 +198,7 @@ def run_jsonl(
 
     results: dict[int, dict] = {}
     prompts, where = [], []
-    for number, text, error in read_prompts_jsonl(lines):
-        ids = [] if text is None else tokenizer.encode(text).ids
+    for number, ids, error in records:
         if error is None and not ids:
             error = f"line {number}: the prompt is empty (it encodes to no tokens)"
         elif error is None and len(ids) + max_new_tokens > capacity:

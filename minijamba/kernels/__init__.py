@@ -91,7 +91,7 @@ dispatch.register("mamba_ssm", _mamba_ssm)
 
 
 # Looked up once (torch.compile cannot trace importlib); the packages do not come and go in a process.
-_INSTALLED = {name: importlib.util.find_spec(name) is not None for name in ("triton", "mamba_ssm")}
+INSTALLED = {name: importlib.util.find_spec(name) is not None for name in ("triton", "mamba_ssm")}
 
 
 def _cuda() -> bool:
@@ -103,7 +103,7 @@ def why_unavailable(name: str) -> str | None:
     if name in ("reference", "cpu"):
         return None
     if name == "triton":
-        if not _INSTALLED["triton"]:
+        if not INSTALLED["triton"]:
             return "the triton package is not installed"
         if os.environ.get("TRITON_INTERPRET") == "1":
             return None  # the interpreter runs the kernels on CPU tensors
@@ -111,7 +111,7 @@ def why_unavailable(name: str) -> str | None:
             return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels, slowly, on the CPU)"
         return None
     if name == "mamba_ssm":
-        if not _INSTALLED["mamba_ssm"]:
+        if not INSTALLED["mamba_ssm"]:
             return "the mamba-ssm package is not installed"
         if not _cuda():
             return "no CUDA GPU"
