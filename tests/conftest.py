@@ -17,6 +17,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def good_checkpoint(text_file, tmp_path_factory):
+    """A training checkpoint at step 2 (never modified: tests work on copies, `helpers.copy_of`)."""
+    from helpers import quiet, train_config
+    from minijamba.training.train import train
+
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    torch.set_num_threads(1)
+    train(train_config(text_file, out, max_steps=2), log=quiet)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors run fastest on one thread, and two test workers share two cores."""

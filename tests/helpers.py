@@ -127,3 +127,35 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = 0, fill: torch.Tensor | Non
         ids[i, l - len(r) :] = r
         mask[i, l - len(r) :] = 1
     return ids, mask
+
+
+# --- a very small training run (tests/test_train.py, tests/test_integrity.py) ---------------------
+# A very small Jamba that keeps the tiny preset's layout (8 layers, 1:7, MoE every 2, top-2).
+TINY = dict(
+    hidden_size=16, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
+    num_experts=2, mamba_d_state=4, mamba_dt_rank=2,
+)  # fmt: skip
+
+
+def train_config(text_file, out_dir, **kw):
+    """A TrainConfig of TINY on `text_file`, six steps on the CPU unless `kw` says otherwise."""
+    from minijamba.training.train import TrainConfig
+
+    base = dict(
+        data=str(text_file), vocab_size=300, seq_len=32, batch_size=2, overrides=dict(TINY),
+        eval_batches=1, eval_interval=2, max_steps=6, time_budget=None, out_dir=str(out_dir),
+        device="cpu", warmup_steps=2,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def copy_of(src, dst):
+    """A copy of the checkpoint folder src at dst (a new folder); returns dst."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import copy_of
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--override", "hidden_size=16", "--override", "intermediate_size=16", "--override", "num_attention_heads=2",
@@ -215,10 +217,7 @@ def test_train_bad_input(argv, needles, text_file, tmp_path, capsys):
 
 
 def test_resume_of_a_corrupt_checkpoint_fails_cleanly_and_changes_nothing(trained, tmp_path, capsys):
-    d = tmp_path / "c"
-    d.mkdir()
-    for f in trained.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
+    d = copy_of(trained, tmp_path / "c")
     data = bytearray((d / "model.safetensors").read_bytes())
     data[-3] ^= 0xFF
     (d / "model.safetensors").write_bytes(bytes(data))
@@ -250,10 +249,7 @@ def test_a_new_run_does_not_overwrite_a_checkpoint(trained, text_file, capsys):
     ],
 )
 def test_generate_bad_input(setup, argv, needles, trained, tmp_path, capsys):
-    d = tmp_path / "c"
-    d.mkdir()
-    for f in trained.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
+    d = copy_of(trained, tmp_path / "c")
     if setup == "drop_tokenizer":
         (d / "tokenizer.json").unlink()
     elif setup == "drop_weights":
@@ -362,10 +358,7 @@ def test_generation_stops_at_any_of_the_end_tokens(trained, tmp_path, capsys):
     first = int(lib_generate(model.eval(), torch.tensor([ids]), 1)[0, -1])
     eot = model.config.eos_token_id
     assert isinstance(eot, int) and first != eot  # the list's second entry is what must stop it
-    d = tmp_path / "c"
-    d.mkdir()
-    for f in trained.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
+    d = copy_of(trained, tmp_path / "c")
     config = json.loads((d / "config.json").read_text())
     config["eos_token_id"] = [eot, first]
     (d / "config.json").write_text(json.dumps(config))

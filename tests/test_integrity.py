@@ -24,8 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file, save_file
 
 from helpers import small_configs
-from test_train import TINY, quiet
-from test_train import config as train_config
+from helpers import TINY, copy_of, quiet, train_config  # good_checkpoint (a fixture): conftest.py
 from minijamba import Jamba, JambaConfig, atomic, load_hf, save_hf
 from minijamba.training import checkpoint
 from minijamba.training import distributed
@@ -87,20 +86,6 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def run(text_file, tmp_path_factory):
-    """A training checkpoint at step 2 (never modified: tests work on copies)."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    torch.set_num_threads(1)
-    train(train_config(text_file, out, max_steps=2), log=quiet)
-    return out
-
-
-def copy_of(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def save_args(ckpt: checkpoint.Checkpoint, step: int = 99) -> dict:
@@ -165,8 +150,8 @@ def test_cli_a_diverged_run_exits_1_and_writes_nothing(text_file, tmp_path, nan_
     assert not out.exists()
 
 
-def test_checkpoint_save_refuses_non_finite_tensors_naming_them(run, tmp_path):
-    d = copy_of(run, tmp_path / "c")
+def test_checkpoint_save_refuses_non_finite_tensors_naming_them(good_checkpoint, tmp_path):
+    d = copy_of(good_checkpoint, tmp_path / "c")
     before = snapshot(d)
     args = save_args(checkpoint.load(d))
     args["model_tensors"] = dict(args["model_tensors"])
@@ -400,8 +385,8 @@ def test_kill_9_during_save_hf_loses_nothing_and_leaves_no_temporary_folder(tmp_
     assert snapshot(folder) == before and hidden(tmp_path) == []
 
 
-def test_only_dead_processes_temporary_folders_are_removed(run, tmp_path):
-    d = copy_of(run, tmp_path / "c")
+def test_only_dead_processes_temporary_folders_are_removed(good_checkpoint, tmp_path):
+    d = copy_of(good_checkpoint, tmp_path / "c")
     dead, alive = dead_pid(), os.getppid()
     for name in (f".c.tmp-{dead}-00ff00ff", f".c.old-{dead}-0a0a0a0a", f".c.tmp-{alive}-11111111"):
         (tmp_path / name).mkdir()
@@ -419,23 +404,23 @@ def test_only_dead_processes_temporary_folders_are_removed(run, tmp_path):
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o750, 0o711], ids=oct)
-def test_a_save_keeps_the_folders_permissions(run, tmp_path, mode):
+def test_a_save_keeps_the_folders_permissions(good_checkpoint, tmp_path, mode):
     folder = tmp_path / "hf"
     save_hf(small_model(1), folder)
     os.chmod(folder, mode)
     save_hf(small_model(2), folder)
     assert stat.S_IMODE(folder.stat().st_mode) == mode
-    d = copy_of(run, tmp_path / "c")
+    d = copy_of(good_checkpoint, tmp_path / "c")
     os.chmod(d, mode)
     checkpoint.save(d, **save_args(checkpoint.load(d)))
     assert stat.S_IMODE(d.stat().st_mode) == mode
 
 
-def test_a_new_folder_gets_the_umasks_permissions(run, tmp_path):
+def test_a_new_folder_gets_the_umasks_permissions(good_checkpoint, tmp_path):
     umask = os.umask(0o027)
     try:
         save_hf(small_model(1), tmp_path / "hf")
-        checkpoint.save(tmp_path / "c", **save_args(checkpoint.load(run)))
+        checkpoint.save(tmp_path / "c", **save_args(checkpoint.load(good_checkpoint)))
     finally:
         os.umask(umask)
     for d in (tmp_path / "hf", tmp_path / "c"):
@@ -460,7 +445,7 @@ def test_save_hf_does_not_overwrite_another_models_folder(tmp_path, config, need
 
 
 # --- 5. wrongly typed configs and tensors ---------------------------------------------------------
-def test_a_string_for_a_bool_in_config_json_is_refused(tmp_path, run):
+def test_a_string_for_a_bool_in_config_json_is_refused(tmp_path, good_checkpoint):
     folder = tmp_path / "hf"
     save_hf(small_model(1), folder)
     hf = json.loads((folder / "config.json").read_text())
@@ -468,7 +453,7 @@ def test_a_string_for_a_bool_in_config_json_is_refused(tmp_path, run):
     (folder / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         load_hf(folder)
-    d = copy_of(run, tmp_path / "c")
+    d = copy_of(good_checkpoint, tmp_path / "c")
     cfg = json.loads((d / checkpoint.CONFIG).read_text())
     cfg["tie_word_embeddings"] = "true"
     (d / checkpoint.CONFIG).write_text(json.dumps(cfg))
@@ -478,7 +463,7 @@ def test_a_string_for_a_bool_in_config_json_is_refused(tmp_path, run):
 
 @pytest.mark.parametrize("dtype, code", [(torch.int64, "I64"), (torch.bool, "BOOL"), (torch.int8, "I8"),
                                          (torch.int32, "I32")])  # fmt: skip
-def test_integer_and_bool_weights_are_refused_naming_the_tensor(tmp_path, run, dtype, code):
+def test_integer_and_bool_weights_are_refused_naming_the_tensor(tmp_path, good_checkpoint, dtype, code):
     folder = tmp_path / "hf"
     save_hf(small_model(1), folder)
     tensors = load_file(folder / "model.safetensors")
@@ -487,7 +472,7 @@ def test_integer_and_bool_weights_are_refused_naming_the_tensor(tmp_path, run, d
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError, match=rf"must be floating point .*1 are not: {key} \({code}\)"):
         load_hf(folder)
-    d = copy_of(run, tmp_path / "c")
+    d = copy_of(good_checkpoint, tmp_path / "c")
     (d / checkpoint.MANIFEST).unlink()  # no checksum to catch it: the dtype check must
     tensors = load_file(d / checkpoint.MODEL)
     tensors["final_layernorm.weight"] = torch.ones_like(tensors["final_layernorm.weight"]).to(dtype)
@@ -533,8 +518,8 @@ def test_cli_an_unwritable_out_dir_exits_1_with_one_line(text_file, tmp_path, ca
         assert "tmp-" not in lines[0]
 
 
-def test_a_resumed_run_checks_its_out_dir_before_the_first_step(run, tmp_path, monkeypatch, no_training):
-    d = copy_of(run, tmp_path / "c")
+def test_a_resumed_run_checks_its_out_dir_before_the_first_step(good_checkpoint, tmp_path, monkeypatch, no_training):
+    d = copy_of(good_checkpoint, tmp_path / "c")
     before = snapshot(d)
 
     def probe(target):
@@ -585,7 +570,7 @@ def nothing_built(monkeypatch):
     (dict(hidden_size=10**9, mamba_dt_rank=4), "describes a model of 4 layers and "),
     (dict(num_experts=10**8), "parameters, but the weights"),
 ])  # fmt: skip
-def test_a_config_far_larger_than_its_weights_is_refused_before_building(tmp_path, run, nothing_built, change,
+def test_a_config_far_larger_than_its_weights_is_refused_before_building(tmp_path, good_checkpoint, nothing_built, change,
                                                                         needle):  # fmt: skip
     folder = tmp_path / "hf"
     save_hf(small_model(1), folder)
@@ -594,7 +579,7 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_building(tmp_pat
     with pytest.raises(ValueError, match="the config.json does not belong to these weights") as err:
         load_hf(folder)
     assert needle in str(err.value) and "model.safetensors" in str(err.value)
-    d = copy_of(run, tmp_path / "c")
+    d = copy_of(good_checkpoint, tmp_path / "c")
     cfg = {**json.loads((d / checkpoint.CONFIG).read_text()), **change}
     if "hidden_size" in change:
         cfg["num_attention_heads"], cfg["num_key_value_heads"] = 2, 1

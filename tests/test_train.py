@@ -13,29 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TINY, copy_of, quiet
+from helpers import train_config as config
 from minijamba.training import checkpoint
 from minijamba.model.jamba import Jamba
 from minijamba.training.train import NonFiniteLoss, TrainConfig, lr_at, train
-
-# A very small Jamba that keeps the tiny preset's layout (8 layers, 1:7, MoE every 2, top-2).
-TINY = dict(
-    hidden_size=16, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
-    num_experts=2, mamba_d_state=4, mamba_dt_rank=2,
-)  # fmt: skip
-
-
-def config(text_file, out_dir, **kw) -> TrainConfig:
-    base = dict(
-        data=str(text_file), vocab_size=300, seq_len=32, batch_size=2, overrides=dict(TINY),
-        eval_batches=1, eval_interval=2, max_steps=6, time_budget=None, out_dir=str(out_dir),
-        device="cpu", warmup_steps=2,
-    )  # fmt: skip
-    return TrainConfig(**{**base, **kw})
-
-
-def quiet(*args, **kwargs):
-    pass
-
 
 def tensors(out_dir, name):
     return load_file(str(Path(out_dir) / name))
@@ -199,20 +181,7 @@ def test_resume_with_other_data_is_refused(text_file, tmp_path):
         train(config(text_file, tmp_path / "o", resume=True), log=quiet)
 
 
-# --- checkpoint files ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def good_checkpoint(text_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "run"
-    torch.set_num_threads(1)
-    train(config(text_file, out, max_steps=2), log=quiet)
-    return out
-
-
-def copy_of(src: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
+# --- checkpoint files (good_checkpoint: conftest.py) ---------------------------------------------
 
 
 def test_checkpoint_holds_everything_and_no_pickle(good_checkpoint):
