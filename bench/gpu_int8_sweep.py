@@ -1,11 +1,15 @@
-"""Launch shapes of the int8 grouped matmul's prefill tile ("large", minijamba.kernels.int8_matmul.CONFIG)
-on a GPU, against bf16 experts' grouped GEMM (F.grouped_mm) and the per-expert cast + cuBLAS reference
-on the same rows, at Jamba-v0.1's expert shapes (issue 17: int8 prefill no slower than bf16).
+"""Launch shapes of the int8 grouped matmul (minijamba.kernels.int8_matmul.CONFIG: tile, warps,
+pipeline stages, and W_LEFT, the weight tile as the dot's left operand) on a GPU, against bf16
+experts' grouped GEMM (F.grouped_mm) and the per-expert cast + cuBLAS reference on the same rows, at
+Jamba-v0.1's expert shapes (issue 17: int8 prefill no slower than bf16; decoding at its bandwidth).
 
 Shapes: E = 16 experts, rows = tokens * K (K = 2), spread evenly (random routing): gate/up (o = 2f =
-28672, i = h = 4096) and down (o = h, i = f = 14336). Medians of triton.testing.do_bench.
+28672, i = h = 4096) and down (o = h, i = f = 14336). The prefill tile ("large_sm90" on Hopper, else
+"large") is swept at --tokens; the decoding tile ("small") at --decode-tokens (batch sizes: one
+token a row), where the figure of merit is the weight bandwidth (GB/s of the experts the rows
+touch). Medians of triton.testing.do_bench.
 
-    python bench/gpu_int8_sweep.py --tokens 8192 --out $OUT/int8_sweep.json
+    python bench/gpu_int8_sweep.py --tokens 8192 --decode-tokens 1 64 --out $OUT/int8_sweep.json
 """
 
 from __future__ import annotations
@@ -25,52 +29,68 @@ from minijamba.inference.quant import grouped_int8_linear_reference, quantize_ro
 from minijamba.kernels import int8_matmul  # noqa: E402
 
 
+LARGE = [dict(tile=(bt, bo, bi, 8, stages, left)) for bt, bo, bi, stages, left in
+         itertools.product([64, 128], [128, 256], [64, 128], [3, 4], [False, True])]  # fmt: skip
+SMALL = [dict(tile=(16, bo, bi, 4, stages, left)) for bo, bi, stages, left in
+         itertools.product([32, 64, 128], [128, 256], [3, 4], [False, True])]  # fmt: skip
+
+
+def sweep(key: str, candidates: list[dict], x, q, scale, ends, info: dict, rows_out: list) -> dict:
+    """Time each candidate tile as CONFIG[key]; the fastest row."""
+    saved, best = int8_matmul.CONFIG[key], None
+    for cand in candidates:
+        int8_matmul.CONFIG[key] = cand["tile"]
+        try:
+            ms = do_bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
+        except Exception as e:  # out of shared memory or registers: not a candidate
+            print(f"skip {cand['tile']}: {type(e).__name__}", flush=True)
+            continue
+        row = dict(info, kernel="int8 triton", key=key, config=list(cand["tile"]), ms=ms,
+                   **{m: v / ms for m, v in info["per_ms"].items()})  # fmt: skip
+        row.pop("per_ms")
+        rows_out.append(row)
+        print(json.dumps(row), flush=True)
+        if best is None or ms < best["ms"]:
+            best = row
+    int8_matmul.CONFIG[key] = saved
+    current = do_bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
+    print(f"RESULT {key} tokens={info['tokens']} o={info['o']} i={info['i']}: now {saved} {current:.3f} ms, "
+          f"best {best['config']} {best['ms']:.3f} ms", flush=True)  # fmt: skip
+    return best
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[8192])
+    p.add_argument("--tokens", type=int, nargs="*", default=[8192], help="prefill token counts")
+    p.add_argument("--decode-tokens", type=int, nargs="*", default=[], help="decoding batch sizes")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     E, K, h, f = 16, 2, 4096, 14336
     rows_out = []
-    saved = dict(int8_matmul.CONFIG)
-    for tokens, (o, i) in itertools.product(args.tokens, [(2 * f, h), (h, f)]):
+    large = "large_sm90" if torch.cuda.get_device_capability()[0] >= 9 else "large"
+    runs = [(t, "small") for t in args.decode_tokens] + [(t, large) for t in args.tokens]
+    for (tokens, key), (o, i) in itertools.product(runs, [(2 * f, h), (h, f)]):
         rows = tokens * K
         q, scale = quantize_rows(torch.randn(E, o, i, device="cuda", dtype=torch.bfloat16))
         w = (q.float() * scale[..., None]).to(torch.bfloat16)
         x = torch.randn(rows, i, device="cuda", dtype=torch.bfloat16)
         ends = torch.linspace(rows / E, rows, E, device="cuda").round().to(torch.int64)
-        flops = 2 * rows * o * i
+        touched = int((torch.diff(ends, prepend=ends.new_zeros(1)) > 0).sum())  # experts with rows
+        per_ms = dict(tflops=2 * rows * o * i / 1e9, weight_gbs=touched * o * i / 1e6)  # (per ms)
+        info = dict(tokens=tokens, o=o, i=i, per_ms=per_ms)
         base = {
             "bf16 grouped_mm": do_bench(lambda: F.grouped_mm(x, w.transpose(1, 2), offs=ends.to(torch.int32))),
             "int8 reference": do_bench(lambda: grouped_int8_linear_reference(x, q, scale, ends)),
         }
         for name, ms in base.items():
-            rows_out.append(dict(tokens=tokens, o=o, i=i, kernel=name, ms=ms, tflops=flops / ms / 1e9))
+            rows_out.append(dict(tokens=tokens, o=o, i=i, kernel=name, ms=ms, **{m: v / ms for m, v in per_ms.items()}))
             print(json.dumps(rows_out[-1]), flush=True)
-        best = None
-        for bt, bo, bi, warps in itertools.product([64, 128], [64, 128, 256], [32, 64, 128], [4, 8]):
-            int8_matmul.CONFIG["large"] = (bt, bo, bi, warps)
-            try:
-                ms = do_bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
-            except Exception as e:  # out of shared memory or registers: not a candidate
-                print(f"skip {(bt, bo, bi, warps)}: {type(e).__name__}", flush=True)
-                continue
-            row = dict(tokens=tokens, o=o, i=i, kernel="int8 triton", config=[bt, bo, bi, warps], ms=ms,
-                       tflops=flops / ms / 1e9)  # fmt: skip
-            rows_out.append(row)
-            print(json.dumps(row), flush=True)
-            if best is None or ms < best["ms"]:
-                best = row
-        int8_matmul.CONFIG.update(saved)
-        current = do_bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
-        print(f"RESULT tokens={tokens} o={o} i={i}: bf16 {base['bf16 grouped_mm']:.3f} ms, reference "
-              f"{base['int8 reference']:.3f}, triton now {saved['large']} {current:.3f}, best {best['config']} "
-              f"{best['ms']:.3f}", flush=True)  # fmt: skip
+        sweep(key, SMALL if key == "small" else LARGE, x, q, scale, ends, info, rows_out)
         del q, scale, w, x
         torch.cuda.empty_cache()
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows_out, indent=1) + "\n")
+        if args.out is not None:  # after each shape: a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rows_out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -286,9 +286,17 @@ def main(argv=None) -> None:
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak for the MFU (H200: 989 TFLOP/s)")
     p.add_argument("--memory-gib", type=float, default=80.0, help="cap the GPU at this much (an 80GB card)")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, without CUDA graphs")
+    p.add_argument("--int8-config", nargs="*", default=[], metavar="KEY=T,O,I,WARPS,STAGES,LEFT",
+                   help="set minijamba.kernels.int8_matmul.CONFIG[KEY] for this run (a tile from gpu_int8_sweep.py)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.quantize = "int8"
+    for item in args.int8_config:
+        from minijamba.kernels import int8_matmul
+
+        key, _, tile = item.partition("=")
+        *ints, left = tile.split(",")
+        int8_matmul.CONFIG[key] = (*map(int, ints), left.lower() in ("1", "true"))
     if args.smoke:
         device, dtype, args.graph, args.backend = torch.device("cpu"), torch.float32, False, "cpu"
         config = JambaConfig.from_preset("jamba-v0.1", **SMOKE)
@@ -301,7 +309,8 @@ def main(argv=None) -> None:
         cap = int(args.memory_gib * GiB) - GiB  # the allocator's slack, as memory_plan.available_bytes
     bandwidth = copy_bandwidth(device)
     emit(dict(part="device", name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              copy_bandwidth_tb_s=bandwidth / 1e12, cap_gib=args.memory_gib, torch=torch.__version__))  # fmt: skip
+              copy_bandwidth_tb_s=bandwidth / 1e12, cap_gib=args.memory_gib, torch=torch.__version__,
+              int8_config=args.int8_config))  # fmt: skip
     if "prefill" in args.parts:  # first: it builds its own (smaller) models
         prefill_rows(args, device, dtype, cap)
     for layout in args.layouts:

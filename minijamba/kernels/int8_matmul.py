@@ -32,12 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_T, BLOCK_O, BLOCK_I, num_warps) for few rows per expert (decoding) and for many (prefill).
-# tl.dot needs at least 16 rows: a decoding step wastes the masked ones, but it is bound by the
-# weight bytes anyway. "large_sm90": the prefill tile on Hopper (H100/H200), whose shared memory
-# holds its 64 KiB a stage: the fastest of bench/gpu_int8_sweep.py on an H200 at Jamba-v0.1's
-# expert shapes, 1.25-1.49x faster than "large" (bench/RESULTS.md, 2026-12-03).
-CONFIG = {"small": (16, 32, 128, 4), "large": (64, 128, 64, 4), "large_sm90": (128, 256, 128, 8)}
+# (BLOCK_T, BLOCK_O, BLOCK_I, num_warps, num_stages, W_LEFT) for few rows per expert (decoding) and
+# for many (prefill). tl.dot needs at least 16 rows: a decoding step wastes the masked ones, but it is
+# bound by the weight bytes anyway. W_LEFT: the weight tile is the dot's left operand (accumulate yᵀ
+# tile by tile), which lets Hopper's tensor cores take the dequantized tile from registers instead of
+# a round trip through shared memory. "large_sm90": the prefill tile on Hopper (H100/H200), whose
+# shared memory holds its 64 KiB a stage: the fastest of bench/gpu_int8_sweep.py on an H200 at
+# Jamba-v0.1's expert shapes (bench/RESULTS.md, 2026-12-03).
+CONFIG = {
+    "small": (16, 32, 128, 4, 3, False),
+    "large": (64, 128, 64, 4, 3, False),
+    "large_sm90": (128, 256, 128, 8, 3, False),
+}
 SMALL_ROWS = 64  # at most this many rows per expert on average: the "small" shape
 
 
@@ -46,7 +52,8 @@ def _grouped_int8_kernel(
     x_ptr, q_ptr, s_ptr, y_ptr, starts_ptr, counts_ptr, block_start_ptr,
     n_experts, n_out, n_in,
     stride_xt, stride_qe, stride_qo, stride_se, stride_yt,
-    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, PRECISION: tl.constexpr,
+    W_LEFT: tl.constexpr,
 ):  # fmt: skip
     pid_o = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -66,17 +73,22 @@ def _grouped_int8_kernel(
         q_rows = q_ptr + j.to(tl.int64) * stride_qe + cols.to(tl.int64)[:, None] * stride_qo
         # tl.full is a builtin; tl.zeros is a @jit helper, which the interpreter cannot call when
         # triton.language was imported before TRITON_INTERPRET=1 was set (torch._dynamo imports it)
-        acc = tl.full((BLOCK_T, BLOCK_O), 0.0, tl.float32)
+        if W_LEFT:
+            acc = tl.full((BLOCK_O, BLOCK_T), 0.0, tl.float32)  # yᵀ tile
+        else:
+            acc = tl.full((BLOCK_T, BLOCK_O), 0.0, tl.float32)  # y tile
         for i0 in range(0, n_in, BLOCK_I):
             ks = i0 + tl.arange(0, BLOCK_I)
             kmask = ks < n_in
             xt = tl.load(x_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_T, BLOCK_I) tile
             wt = tl.load(q_rows + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0)  # (BLOCK_O, BLOCK_I) int8
-            w = tl.trans(wt.to(xt.dtype))  # exact: every int8 value is a bf16/fp16/fp32 value
-            if IEEE:
-                acc += tl.dot(xt, w, input_precision="ieee")
+            w = wt.to(xt.dtype)  # exact: every int8 value is a bf16/fp16/fp32 value
+            if W_LEFT:
+                acc += tl.dot(w, tl.trans(xt), input_precision=PRECISION)  # (BLOCK_O, BLOCK_T)
             else:
-                acc += tl.dot(xt, w)
+                acc += tl.dot(xt, tl.trans(w), input_precision=PRECISION)  # (BLOCK_T, BLOCK_O)
+        if W_LEFT:
+            acc = tl.trans(acc)  # (BLOCK_T, BLOCK_O)
         scale = tl.load(s_ptr + j.to(tl.int64) * stride_se + cols, mask=cmask, other=0.0)  # (BLOCK_O,)
         y = acc * scale[None, :]
         y_ptrs = y_ptr + (start + rows).to(tl.int64)[:, None] * stride_yt + cols[None, :]
@@ -106,13 +118,15 @@ def grouped_int8_linear(
     ends = ends.to(torch.int64)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows per expert
     starts = ends - counts
-    BLOCK_T, BLOCK_O, BLOCK_I, warps = CONFIG[_shape(x, rows <= SMALL_ROWS * E)]
+    BLOCK_T, BLOCK_O, BLOCK_I, warps, stages, w_left = CONFIG[_shape(x, rows <= SMALL_ROWS * E)]
     blocks = (counts + BLOCK_T - 1) // BLOCK_T  # row blocks per expert
     block_start = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])  # (E + 1,)
     grid = (triton.cdiv(n_out, BLOCK_O), triton.cdiv(rows, BLOCK_T) + E)
     _grouped_int8_kernel[grid](
         x, q, scale, y, starts, counts, block_start, E, n_out, n_in,
         x.stride(0), q.stride(0), q.stride(1), scale.stride(0), y.stride(0),
-        BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=x.dtype == torch.float32, num_warps=warps,
+        BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, W_LEFT=w_left,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # (tf32 applies to float32 only)
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 17's int8 kernel, on the device in two runs (each under the 10-minute limit; at most 8 files back):
+#     bash bench/gpu_int8_run.sh sweep                  GPU tests of the kernel, then the tile sweep
+#     bash bench/gpu_int8_run.sh serve "KEY=T,O,I,W,S,L ..."
+#         the same process order for the current CONFIG and for the given tiles: prefill of one block
+#         (bf16 / int8 fused / int8 cast + cuBLAS) and decoding at batch 1 and 64; then the compiled step
+#         at batch 1 with the given tiles, and the graph breaks that remain.
+set -u
+mkdir -p "${OUT:-out/bench}"
+OUT=$(cd "${OUT:-out/bench}" && pwd)
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+case "$1" in
+sweep)
+  timeout 150 python -m pytest -q -x tests/test_quant_triton.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"
+  tail -2 "$OUT/tests.log"
+  timeout 400 python bench/gpu_int8_sweep.py --tokens 8192 --decode-tokens 1 64 --out "$OUT/int8_sweep.json" \
+    > "$OUT/int8_sweep.log" 2>&1; echo "sweep rc=$?"
+  grep RESULT "$OUT/int8_sweep.log" ;;
+serve)
+  common=(--parts prefill batch --layouts hybrid --batches 1 64 --prefill-modes bf16 int8-triton int8-reference
+          --prefill-lens 2048 8192 32768 --steps 20)
+  for tiles in now given; do
+    extra=(); [ $tiles = given ] && extra=(--int8-config $2)
+    timeout 150 python bench/gpu_serving.py "${common[@]}" "${extra[@]}" --out "$OUT/serve_$tiles.json" \
+      > "$OUT/serve_$tiles.log" 2>&1; echo "serve $tiles rc=$?"
+    grep -h '"part": "\(prefill\|batch\)"' "$OUT/serve_$tiles.log" | cut -c1-200
+  done
+  timeout 200 python bench/gpu_serving.py --parts compile --layouts hybrid --compile-batches 1 --int8-config $2 \
+    > "$OUT/compile.log" 2>&1; echo "compile rc=$?"; tail -2 "$OUT/compile.log" | cut -c1-300
+  timeout 100 python bench/gpu_decode_breaks.py --out "$OUT/breaks.json" > "$OUT/breaks.log" 2>&1; echo "breaks rc=$?"
+  tail -5 "$OUT/breaks.log" | cut -c1-300 ;;
+esac
