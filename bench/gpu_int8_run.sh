@@ -25,8 +25,8 @@ serve)
       > "$OUT/serve_$tiles.log" 2>&1; echo "serve $tiles rc=$?"
     grep -h '"part": "\(prefill\|batch\)"' "$OUT/serve_$tiles.log" | cut -c1-200
   done
-  timeout 200 python bench/gpu_serving.py --parts compile --layouts hybrid --compile-batches 1 --int8-config $2 \
+  timeout 170 python bench/gpu_serving.py --parts compile --layouts hybrid --compile-batches 1 --int8-config $2 \
     > "$OUT/compile.log" 2>&1; echo "compile rc=$?"; tail -2 "$OUT/compile.log" | cut -c1-300
-  timeout 100 python bench/gpu_decode_breaks.py --out "$OUT/breaks.json" > "$OUT/breaks.log" 2>&1; echo "breaks rc=$?"
+  timeout 90 python bench/gpu_decode_breaks.py --out "$OUT/breaks.json" > "$OUT/breaks.log" 2>&1; echo "breaks rc=$?"
   tail -5 "$OUT/breaks.log" | cut -c1-300 ;;
 esac

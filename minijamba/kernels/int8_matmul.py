@@ -40,11 +40,13 @@ import triton.language as tl
 # shared memory holds its 64 KiB a stage: the fastest of bench/gpu_int8_sweep.py on an H200 at
 # Jamba-v0.1's expert shapes (bench/RESULTS.md, 2026-12-03).
 CONFIG = {
+    "gemv": (16, 32, 128, 4, 3, False),
     "small": (16, 32, 128, 4, 3, False),
     "large": (64, 128, 64, 4, 3, False),
     "large_sm90": (128, 256, 128, 8, 3, False),
 }
 SMALL_ROWS = 64  # at most this many rows per expert on average: the "small" shape
+GEMV_ROWS = 1  # at most this many: "gemv" (decoding at batch 1 to about E / K)
 
 
 @triton.jit
@@ -95,8 +97,10 @@ def _grouped_int8_kernel(
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def _shape(x: torch.Tensor, small: bool) -> str:
-    if small:
+def _shape(x: torch.Tensor, rows_per_expert: float) -> str:
+    if rows_per_expert <= GEMV_ROWS:
+        return "gemv"
+    if rows_per_expert <= SMALL_ROWS:
         return "small"
     hopper = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
     return "large_sm90" if hopper else "large"
@@ -118,7 +122,7 @@ def grouped_int8_linear(
     ends = ends.to(torch.int64)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows per expert
     starts = ends - counts
-    BLOCK_T, BLOCK_O, BLOCK_I, warps, stages, w_left = CONFIG[_shape(x, rows <= SMALL_ROWS * E)]
+    BLOCK_T, BLOCK_O, BLOCK_I, warps, stages, w_left = CONFIG[_shape(x, rows / E)]
     blocks = (counts + BLOCK_T - 1) // BLOCK_T  # row blocks per expert
     block_start = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])  # (E + 1,)
     grid = (triton.cdiv(n_out, BLOCK_O), triton.cdiv(rows, BLOCK_T) + E)
