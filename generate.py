@@ -280,7 +280,7 @@ def serve_file(args, model, tok, device) -> int:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             eos_token_id=model.config.end_tokens(), prefill_chunk=args.prefill_chunk,
             generator=torch.Generator(device=device).manual_seed(args.seed),
-            cuda_graph=args.fast and device.type == "cuda",
+            cuda_graph=args.fast and device.type == "cuda", compile_step=args.compile,
         )  # fmt: skip
     finally:
         if out is not sys.stdout:

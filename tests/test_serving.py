@@ -48,6 +48,19 @@ def test_each_prompt_gets_what_it_gets_alone(config, sizes, slots, chunk, with_s
         assert stopped or len(f.tokens) == budgets[i]
 
 
+def test_a_compiled_step_serves_the_same_tokens():
+    """compile_step traces the shared decoding step through torch.compile (its eager backend here,
+    which compiles nothing but traces the per-row ends as generate_many passes them)."""
+    from minijamba import JambaConfig
+
+    config = JambaConfig.from_preset("tiny", vocab_size=32, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, intermediate_size=8)  # fmt: skip
+    model = make_model(config, 1)
+    prompts, budgets = [[1, 2, 3], [4], [5, 6]], [4, 2, 3]
+    expected = [alone(model, p, b) for p, b in zip(prompts, budgets, strict=True)]
+    assert generate_many(model, prompts, budgets, batch_size=2, compile_step={"backend": "eager"}) == expected
+
+
 def test_a_slot_is_refilled_as_soon_as_its_row_ends():
     """Two slots, one long completion and three of one token: the short ones pass through the other
     slot while the long one runs, so they finish first, in order (no waiting for the batch)."""

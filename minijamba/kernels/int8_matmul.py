@@ -32,16 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_T, BLOCK_O, BLOCK_I, num_warps, num_stages, W_LEFT) for few rows per expert (decoding) and
-# for many (prefill). tl.dot needs at least 16 rows: a decoding step wastes the masked ones, but it is
-# bound by the weight bytes anyway. W_LEFT: the weight tile is the dot's left operand (accumulate yᵀ
-# tile by tile), which lets Hopper's tensor cores take the dequantized tile from registers instead of
-# a round trip through shared memory. "large_sm90": the prefill tile on Hopper (H100/H200), whose
-# shared memory holds its 64 KiB a stage: the fastest of bench/gpu_int8_sweep.py on an H200 at
-# Jamba-v0.1's expert shapes (bench/RESULTS.md, 2026-12-03).
+# (BLOCK_T, BLOCK_O, BLOCK_I, num_warps, num_stages, W_LEFT) for at most one row an expert
+# (decoding at small batches), a few (decoding at larger ones) and many (prefill). tl.dot needs at
+# least 16 rows: a decoding step wastes the masked ones, but it is bound by the weight bytes anyway.
+# W_LEFT: the weight tile is the dot's left operand (accumulate yᵀ tile by tile), which lets Hopper's
+# tensor cores take the dequantized tile from registers; it won alone in bench/gpu_int8_sweep.py at
+# one row an expert but lost inside the decoding step, so no shape uses it now. "small": the
+# sweep's best at 8 rows an expert, 1.06x the batch-64 step of the "gemv" tile. "large_sm90": the
+# prefill tile on Hopper (H100/H200), whose shared memory holds its 64 KiB a stage: the sweep's
+# fastest at Jamba-v0.1's expert shapes. (bench/RESULTS.md, "The int8 kernel's tiles", 2026-12-03.)
 CONFIG = {
     "gemv": (16, 32, 128, 4, 3, False),
-    "small": (16, 32, 128, 4, 3, False),
+    "small": (16, 128, 256, 4, 3, False),
     "large": (64, 128, 64, 4, 3, False),
     "large_sm90": (128, 256, 128, 8, 3, False),
 }
