@@ -303,10 +303,34 @@ def check(p: MemoryPlan, available: int) -> None:
             f"the activations)"
         )
     else:
-        hint = "even the weights do not fit: use quantize='int8' (--int8-experts) or a smaller model"
+        hint = _weights_hint(p, available)
     raise DoesNotFit(
         f"this run needs {p.total / GiB:.2f} GiB (weights {p.weights_total / GiB:.2f}, state "
         f"{p.state['total'] / GiB:.2f}, activations {p.activations_peak / GiB:.2f}) but the device has "
         f"{available / GiB:.2f} GiB free: {hint}",
         best,
+    )
+
+
+def _weights_hint(p: MemoryPlan, available: int) -> str:
+    """What to do when even the weights do not fit: int8 experts if they would fit and are not used
+    yet; else say that no one device holds the model, and which released shapes would fit."""
+    from minijamba.model.presets import PRESETS
+
+    int8 = sum(weight_bytes(p.config, p.dtype, "int8").values())
+    if p.quantize is None and p.config.num_experts > 1 and int8 + p.state["total"] < available:
+        return f"even the weights do not fit: with int8 experts (--int8-experts) they take {int8 / GiB:.1f} GiB"
+    fits = []
+    for name in PRESETS:
+        c = JambaConfig.from_preset(name)
+        need = min(sum(weight_bytes(c, p.dtype, q).values()) for q in (None, "int8"))
+        if need + GiB < available and name != "tiny":
+            fits.append(f"{name} ({need / GiB:.1f} GiB)")
+    smallest = int8 if p.config.num_experts > 1 else p.weights_total
+    return (
+        f"even the weights do not fit ({smallest / GiB:.1f} GiB"
+        + (" with int8 experts" if p.config.num_experts > 1 else "")
+        + f", {smallest / available:.1f}x what is free): no single device holds this model, and minijamba "
+        "does not split one model over several; "
+        + (f"released shapes that fit: {', '.join(fits)}" if fits else "no released shape fits either")
     )

@@ -25,6 +25,9 @@ import math
 from dataclasses import dataclass
 
 from minijamba.checks import check_fields, field_types, type_problem
+from minijamba.model.presets import PRESETS
+
+__all__ = ["LAYOUTS", "PRESETS", "JambaConfig", "check_field", "count_layers"]
 
 LAYOUTS = ("hybrid", "attention", "mamba")
 
@@ -219,7 +222,9 @@ class JambaConfig:
     # --- presets and transformers' config.json -------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "JambaConfig":
-        """A named configuration: 'jamba-v0.1' (the released model) or 'tiny' (trains on a laptop)."""
+        """A named configuration: a released Jamba ('jamba-v0.1', 'jamba-1.5-mini', 'jamba-1.5-large',
+        'jamba2-mini', 'jamba-reasoning-3b', 'jamba-tiny-dev': see minijamba.model.presets, which
+        cites each one's source) or 'tiny' (trains on a laptop)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -268,23 +273,3 @@ def check_field(name: str, value) -> None:
     want = type_problem(value, hints[name])
     if want is not None:
         raise ValueError(f"JambaConfig.{name} must be {want}, got {value!r}")
-
-
-PRESETS: dict[str, dict] = {
-    # Exactly the released ai21labs/Jamba-v0.1 (its config.json): 51.57B total, 12.11B active parameters.
-    "jamba-v0.1": dict(
-        vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, attn_layer_period=8, attn_layer_offset=4,
-        num_experts=16, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
-        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=256,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, router_aux_loss_coef=0.001,
-    ),
-    # A scaled-down Jamba with the paper's layout (l=8, a:m=1:7, e=2, K=2) that trains on a laptop CPU.
-    "tiny": dict(
-        vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=2, attn_layer_period=8, attn_layer_offset=4,
-        num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
-        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
-        tie_word_embeddings=True, router_aux_loss_coef=0.01, max_position_embeddings=4096,
-    ),
-}  # fmt: skip
