@@ -6,6 +6,9 @@
     python generate.py --hf path/to/jamba --prompt "Hello"    # transformers' files + tokenizer.json
     python generate.py --prompts-file prompts.jsonl --output out.jsonl --batch-size auto
                                                               # many prompts, continuous batching
+    python generate.py --hf path/to/jamba --chat --prompt "Hi" [--system TEXT]
+                                                              # the folder's chat template; no --prompt:
+                                                              # a session over stdin, one message a line
 
 Tokens are printed as they are produced. At the end (on stderr): tokens per second and the size
 of the inference state, split into the attention layers' KV cache and the Mamba layers' state.
@@ -45,12 +48,14 @@ def build_parser() -> Parser:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=200,
+        default=None,
         metavar="N",
-        help="tokens to generate per sample (default 200)",
+        help="tokens to generate per sample (default 200, or an --hf folder's generation_config.json)",
     )
     p.add_argument(
-        "--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)"
+        "--temperature", type=float, default=None,
+        help="softmax temperature; 0 = greedy (default 0.8; for an --hf folder, its generation_config.json's, "
+        "greedy unless it says do_sample, as transformers)",
     )
     p.add_argument(
         "--top-k",
@@ -62,9 +67,9 @@ def build_parser() -> Parser:
     p.add_argument(
         "--top-p",
         type=float,
-        default=0.95,
+        default=None,
         metavar="P",
-        help="nucleus sampling: the smallest set of tokens with probability >= P (default 0.95)",
+        help="nucleus sampling: the smallest set of tokens with probability >= P (default 0.95, or the folder's)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the sampler: same seed, same samples (default 0)"
@@ -105,6 +110,15 @@ def build_parser() -> Parser:
         help="run the prompt N tokens at a time: the same tokens, with activation memory bounded by N "
         "instead of the prompt's length (default: the prompt in one piece)",
     )
+    talk = p.add_argument_group("chat (an --hf folder's chat template: minijamba.inference.chat)")
+    talk.add_argument(
+        "--chat",
+        action="store_true",
+        help="render --prompt as a user message through the folder's chat template (as transformers' "
+        "apply_chat_template with add_generation_prompt) and print the reply; without --prompt, a session "
+        "over stdin, one message a line, each turn keeping the inference state of the last",
+    )
+    talk.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
     many = p.add_argument_group("many prompts (continuous batching: minijamba.inference.serving)")
     many.add_argument(
         "--prompts-file",
@@ -126,19 +140,20 @@ def build_parser() -> Parser:
         default=None,
         metavar="N",
         help="tokens a slot holds, its prompt and its new tokens (default: the longest prompt plus "
-        "--max-new-tokens); longer prompts get an error line",
+        "--max-new-tokens); longer prompts get an error line. With --chat: the tokens the whole "
+        "conversation may hold (default 4096)",
     )
     return p
 
 
 def _check_args(p: Parser, a: argparse.Namespace) -> None:
-    if a.max_new_tokens < 1:
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if not (math.isfinite(a.temperature) and a.temperature >= 0):  # NaN fails both
+    if a.temperature is not None and not (math.isfinite(a.temperature) and a.temperature >= 0):  # NaN fails both
         p.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {a.temperature}")
     if a.top_k is not None and a.top_k < 1:
         p.error(f"--top-k must be >= 1, got {a.top_k}")
-    if not 0 < a.top_p <= 1:
+    if a.top_p is not None and not 0 < a.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {a.top_p}")
     if not 0 <= a.seed <= SEED_MAX:
         p.error(f"--seed must be an integer from 0 to 2**64 - 1 = {SEED_MAX}, got {a.seed}")
@@ -150,8 +165,14 @@ def _check_args(p: Parser, a: argparse.Namespace) -> None:
         p.error(f"--batch-size must be auto or a number of slots from 1 to 65536, got {a.batch_size!r}")
     if a.context is not None and a.context < 2:
         p.error(f"--context must be >= 2 tokens, got {a.context}")
-    if a.prompts_file is None and (a.output is not None or a.context is not None):
-        p.error("--output and --context go with --prompts-file")
+    if a.prompts_file is None and a.output is not None:
+        p.error("--output goes with --prompts-file")
+    if a.prompts_file is None and not a.chat and a.context is not None:
+        p.error("--context goes with --prompts-file or --chat")
+    if a.chat and (a.hf is None or a.prompts_file is not None or a.num_samples != 1):
+        p.error("--chat needs --hf DIR (a folder with a chat template), and no --prompts-file or --num-samples")
+    if a.system is not None and not a.chat:
+        p.error("--system goes with --chat")
 
 
 def load(args, device, backend):
@@ -171,8 +192,8 @@ def load(args, device, backend):
 def _load(args, folder, device, backend):
     import torch
 
+    from minijamba.hf_tokenizer import check_vocabulary, load_tokenizer
     from minijamba.training import checkpoint
-    from minijamba.training import tokenizer as tk
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     quantize = "int8" if args.int8_experts else None
@@ -180,18 +201,44 @@ def _load(args, folder, device, backend):
         from minijamba.inference.quant import quantize_model_
 
         model, tok = checkpoint.load_model(folder, device=device, dtype=dtype, scan_backend=backend)
+        check_vocabulary(tok, model.config.vocab_size, folder)
         return quantize_model_(model, quantize), tok  # NaN or inf weights were refused as they loaded
     from safetensors import SafetensorError
 
     from minijamba import load_hf
+    from minijamba.hf import read_config
 
+    config = read_config(folder)  # the cheap files first: a bad config, tokenizer or template fails at once
+    tok = load_tokenizer(folder)
+    check_vocabulary(tok, config.vocab_size, folder)
     try:
         model = load_hf(folder, device=device, dtype=dtype, quantize=quantize)  # int8 as it loads
     except SafetensorError as e:
         raise ValueError(f"a weight file in {folder} is not valid safetensors ({e}): it is corrupt") from None
-    tok = tk.load(folder / "tokenizer.json")
     model.config.scan_backend = backend  # every layer reads its backend from the one config
     return model.eval(), tok
+
+
+def sampling_defaults(args, config) -> tuple[int, ...]:
+    """Fill the sampling flags left unset (--hf: from generation_config.json, greedy unless it says
+    do_sample, as transformers; else 0.8 / 0.95 / 200) and return the end tokens: the folder's
+    generation_config.json's when it names them, else config.json's."""
+    from minijamba.hf_tokenizer import generation_defaults
+
+    found = generation_defaults(args.hf) if args.hf is not None else None
+    if found is not None and found.found:
+        given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens")}
+        for k, v in given.items():
+            if v is None:
+                setattr(args, k, getattr(found, k))
+        print(f"generation_config.json: temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}"
+              + ("" if found.eos_token_id is None else f", end tokens {found.eos_token_id}"), file=sys.stderr)  # fmt: skip
+    args.temperature = 0.8 if args.temperature is None else args.temperature
+    args.top_p = 0.95 if args.top_p is None and (found is None or not found.found) else args.top_p
+    args.max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
+    if found is not None and found.eos_token_id is not None:
+        return tuple(found.eos_token_id)
+    return config.end_tokens()
 
 
 def read_prompt(args) -> str:
@@ -232,74 +279,14 @@ def _bad_byte(ch: str) -> str:
     return f"0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
 
 
-def _kib(n: int) -> str:
-    return f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
-
-
-def serve_file(args, model, tok, device) -> int:
-    """--prompts-file: every line's prompt through `minijamba.inference.serving`, JSONL out."""
-    from pathlib import Path
-
-    import torch
-
-    from minijamba.inference.memory_plan import GiB, available_bytes, largest_batch, serving_plan
-    from minijamba.inference.serving import encode_prompts_jsonl, run_jsonl
-
-    path = Path(args.prompts_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts-file {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts-file {path} is not UTF-8 text (at byte {e.start})") from None
-    records = encode_prompts_jsonl(lines, tok)  # (line, token ids, error), each prompt encoded once
-    lengths = [len(ids) for _, ids, err in records if err is None]
-    if not any(lengths):
-        raise ValueError(f'--prompts-file {path} has no prompt to run: no line of the form {{"prompt": "text"}}')
-    context = args.context or max(lengths) + args.max_new_tokens
-    weights = model.embed_tokens.weight
-    kw = dict(chunk=args.prefill_chunk, dtype=weights.dtype, quantize="int8" if args.int8_experts else None,
-              scan_backend=model.config.scan_backend)  # fmt: skip
-    plan = lambda slots: serving_plan(model.config, context, slots, **kw)  # noqa: E731
-    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else plan(1).weights_total
-    room = available_bytes(device) + held  # the weights are loaded already
-    fits = largest_batch(model.config, context, room, **kw)
-    if fits < 1:
-        raise ValueError(f"not one slot of {context:,} tokens fits in {room / GiB:.2f} GiB: give a shorter --context")
-    slots = fits if args.batch_size == "auto" else int(args.batch_size)
-    if slots > fits:
-        raise ValueError(
-            f"--batch-size {slots}: {slots} slots of {context:,} tokens need {plan(slots).total / GiB:.2f} GiB "
-            f"and the device has {room / GiB:.2f} GiB; the most that fit is {fits} (or --batch-size auto)"
-        )
-    print(plan(slots), file=sys.stderr)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    try:
-        counts = run_jsonl(
-            model, tok, records, out, args.max_new_tokens, slots, context, progress=sys.stderr,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            eos_token_id=model.config.end_tokens(), prefill_chunk=args.prefill_chunk,
-            generator=torch.Generator(device=device).manual_seed(args.seed),
-            cuda_graph=args.fast and device.type == "cuda", compile_step=args.compile,
-        )  # fmt: skip
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    print(
-        f"{counts['prompts']} prompts ({counts['errors']} lines refused) in {counts['seconds']:.2f} s with "
-        f"{slots} slots of {context:,} tokens: {counts['tokens']:,} tokens, "
-        f"{counts['tokens'] / max(counts['seconds'], 1e-9):,.1f} tokens/s",
-        file=sys.stderr,
-    )
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
     import torch
 
+    from minijamba.inference import commands
+    from minijamba.inference.commands import kib
     from minijamba.training import tokenizer as tk
     from minijamba.training.checkpoint import CheckpointError
     from minijamba.inference.generation import generate_stream
@@ -310,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         model, tok = load(args, device, scan_backend_for(args.fast))
+        stops = set(sampling_defaults(args, model.config))  # any of them ends a sample (Jamba 1.5 has two)
         if args.prompts_file is not None:
-            return serve_file(args, model, tok, device)
+            return commands.serve_file(args, model, tok, device, tuple(stops))
+        if args.chat:
+            return commands.chat(args, model, tok, device, tuple(stops))
         prompt = read_prompt(args)
         ids = tok.encode(prompt).ids
         if not ids:
@@ -340,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     config = model.config
-    stops = set(config.end_tokens())  # any of them ends a sample (Jamba 1.5 has two)
     x = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = sys.stdout
@@ -384,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     print(
-        f"inference state for {state.capacity} tokens: KV cache {_kib(nb['kv_cache'])} ({a} attention layer{s(a)}), "
-        f"SSM state {_kib(nb['ssm_state'])} + conv state {_kib(nb['conv_state'])} ({m} Mamba layer{s(m)}), "
-        f"{_kib(nb['total'])} in all; with attention in every layer the KV cache alone would be {_kib(attn_only)}",
+        f"inference state for {state.capacity} tokens: KV cache {kib(nb['kv_cache'])} ({a} attention layer{s(a)}), "
+        f"SSM state {kib(nb['ssm_state'])} + conv state {kib(nb['conv_state'])} ({m} Mamba layer{s(m)}), "
+        f"{kib(nb['total'])} in all; with attention in every layer the KV cache alone would be {kib(attn_only)}",
         file=sys.stderr,
     )
     return 0

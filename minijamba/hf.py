@@ -194,7 +194,16 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_config(folder: Path) -> JambaConfig:
+def read_config(folder) -> JambaConfig:
+    """The JambaConfig of a checkpoint folder's config.json, after putting back a save that a crash
+    interrupted. FileNotFoundError for a missing folder or config.json, ValueError naming the file
+    for one that is not a Jamba's."""
+    folder = Path(folder)
+    atomic.recover(folder)  # a save_hf interrupted between its two renames: put the old folder back
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder)")
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG_NAME} does not exist: a checkpoint folder needs its config.json")
     path = _inside(folder / CONFIG_NAME, folder)
     hf = read_json_object(path, what="it is not a config.json")
     try:
@@ -263,14 +272,7 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
 
 def _open_folder(folder: Path) -> tuple[JambaConfig, list[Path]]:
     """The folder's config and weight files, after putting back a save that a crash interrupted."""
-    atomic.recover(folder)  # a save_hf interrupted between its two renames: put the old folder back
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder)")
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"{folder / CONFIG_NAME} does not exist: a checkpoint folder needs its config.json"
-        )
-    return _read_config(folder), _weight_files(folder)
+    return read_config(folder), _weight_files(folder)
 
 
 def _read_headers(folder: Path, config: JambaConfig, files: list[Path]) -> dict[Path, list[tuple[str, tuple, str]]]:

@@ -344,7 +344,7 @@ def test_prompts_file_batch_size_auto_and_refusals(trained, tmp_path, capsys):
         assert word in capsys.readouterr().err
     with pytest.raises(SystemExit):
         generate.main(["--out-dir", str(trained), "--prompt", "x", "--output", "o.jsonl"])
-    assert "go with --prompts-file" in capsys.readouterr().err
+    assert "goes with --prompts-file" in capsys.readouterr().err
 
 
 def test_generation_stops_at_any_of_the_end_tokens(trained, tmp_path, capsys):
