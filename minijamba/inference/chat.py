@@ -93,4 +93,4 @@ class Chat:
         self.held = ids + tokens[:-1]
         text = self.tokenizer.decode([t for t in tokens if t not in self.end_tokens], skip_special_tokens=True)
         self.messages = [*messages, {"role": "assistant", "content": text}]
-        return Turn(text, tokens, len(new), kept, self.state.nbytes(), len(self.held))
+        return Turn(text, tokens, len(new), kept, self.state.nbytes()["total"], len(self.held))
