@@ -67,7 +67,7 @@ class _Dequantized:
         return self.experts.dequantized(self.name, index, self.dtype)
 
 
-def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:
+def save_hf(model: Jamba, path, max_shard_size="5GB", extra_files: dict[str, str] | None = None) -> Path:
     """Write `model` as a folder transformers' `JambaForCausalLM.from_pretrained` loads.
 
     config.json (`config.to_hf()`) and safetensors in the per-expert layout: `model.safetensors`, or
@@ -75,8 +75,9 @@ def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:
     `model.safetensors.index.json`. Atomic (minijamba.atomic, as training checkpoints): everything is
     written to a temporary folder next to `path`, which then replaces it; other files already in
     `path` (a tokenizer, ...) are kept, and so are the folder's permissions. A `path` whose
-    config.json is not a Jamba's (another model's folder) is refused, not overwritten.
-    Returns the folder.
+    config.json is not a Jamba's (another model's folder) is refused, not overwritten. extra_files:
+    name -> text of more files to write with them, in the same swap (a tokenizer, a generation
+    config: `minijamba.export`). Returns the folder.
     """
     from safetensors.torch import save_file
 
@@ -120,7 +121,12 @@ def save_hf(model: Jamba, path, max_shard_size="5GB") -> Path:
         hf = model.config.to_hf()
         hf["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
         (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        atomic.replace_folder(tmp, folder, keep=lambda name: not _OURS.match(name))
+        extra = dict(extra_files or {})
+        for name, text in extra.items():
+            if Path(name).name != name or _OURS.match(name):
+                raise ValueError(f"extra file {name!r}: give a plain file name that is not one of the model's files")
+            (tmp / name).write_text(text, encoding="utf-8")
+        atomic.replace_folder(tmp, folder, keep=lambda name: not _OURS.match(name) and name not in extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
