@@ -70,3 +70,23 @@ def test_the_plan_refuses_a_preset_no_gpu_holds_and_names_what_would_fit():
     # bf16 Jamba-v0.1 does not fit 79 GiB, but it does with int8 experts: say so
     with pytest.raises(DoesNotFit, match=r"with int8 experts \(--int8-experts\) they take 54\.1 GiB"):
         check(plan(JambaConfig.from_preset("jamba-v0.1"), 4096, chunk=2048), 79 * GiB)
+
+
+def test_the_readme_states_the_presets_as_the_code_has_them():
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    para = readme[readme.index("Presets for every released Jamba") :].split("\n\n")[0].replace("\n", " ")
+    large = JambaConfig.from_preset("jamba-1.5-large")
+    with torch.device("meta"):
+        active = Jamba(large).num_parameters(active=True)
+    stated = [
+        f"`jamba-1.5-large` ({large.num_parameters() / 1e9:.1f}B / {active / 1e9:.1f}B",
+        f"`jamba-reasoning-3b` ({JambaConfig.from_preset('jamba-reasoning-3b').num_parameters() / 1e9:.2f}B",
+        f"`jamba-tiny-dev` ({JambaConfig.from_preset('jamba-tiny-dev').num_parameters() / 1e6:.0f}M)",
+        f"end tokens {list(JambaConfig.from_preset('jamba-1.5-mini').end_tokens())} and "
+        f"{JambaConfig.from_preset('jamba2-mini').eos_token_id}",
+    ]
+    for s in stated:
+        assert s in para, s
+    assert all(f"`{name}`" in para for name in RELEASED)
