@@ -180,14 +180,16 @@ def big_checkpoint(tmp_path_factory):
 
 def test_shard_by_shard_loading_keeps_host_memory_near_one_shard(big_checkpoint):
     """Loading onto the CPU, the model itself lives in host memory; on top of it the loader may hold
-    about one shard (8 MB) and one tensor, never a second copy of the model (227 MB). Measured when
-    written: 11.5 MB on top of the model."""
+    about one shard (8 MB) and one tensor, never a second copy of the model (227 MB)."""
     shards = list(big_checkpoint.glob("*.safetensors"))
     assert len(shards) > 20
     m = _measure("load", big_checkpoint)
     extra = m["peak"] - m["base"] - m["model"]
     assert m["model"] > 200 * MB
-    assert extra < 2 * 8 * MB + 24 * MB, f"loader held {extra / MB:.0f} MB on top of the model"
+    # The resident set also counts the shard's mapped file pages and the libraries load_hf imports on
+    # first use; those vary by machine and run (16-45 MB measured, CI's the most), while a second copy
+    # of the model would add 227 MB: the bound sits between.
+    assert extra < 64 * MB, f"loader held {extra / MB:.0f} MB on top of the model"
 
 
 def test_int8_loading_never_holds_the_float_experts(big_checkpoint):
