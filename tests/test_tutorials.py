@@ -32,15 +32,18 @@ def test_chapters_are_numbered_from_01_without_gaps():
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
-def test_chapter_runs_and_makes_its_figures(path):
+def test_chapter_runs_makes_its_figures_and_shows_what_it_prints(path, tmp_path):
+    """Every block runs; the figures go to a temporary folder (the tree is left as it was); every
+    block that prints shows its output, and a deterministic block's output is the one shown."""
     blocks = run.extract_blocks(path)
     assert blocks, f"{path.name} has no python blocks"
-    start = time.time()
-    run.run_chapter(path)
+    before = {p: p.stat().st_mtime for p in (path.parent / "figures").iterdir()}
+    outputs = run.run_chapter(path, figures=tmp_path)["__outputs__"]
     for figure in run.figures_referenced(path):
-        written = path.parent / figure
-        assert written.exists(), f"{path.name} shows {figure} but running it did not write it"
-        assert written.stat().st_mtime >= start - 1, f"{path.name} shows {figure} but did not rewrite it"
+        assert (tmp_path / Path(figure).name).exists(), f"{path.name} shows {figure} but running it did not write it"
+    assert {p: p.stat().st_mtime for p in (path.parent / "figures").iterdir()} == before, "the tree's figures changed"
+    problems = run.differences(path, outputs)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("path", CHAPTERS + [_RUN.parent / "README.md"], ids=[p.stem for p in CHAPTERS] + ["README"])
@@ -84,3 +87,30 @@ def test_unclosed_fence_is_an_error(tmp_path):
     md.write_text("```python\nx = 1\n", encoding="utf-8")
     with pytest.raises(ValueError, match="never closed"):
         run.extract_blocks(md)
+
+
+def test_outputs_are_written_replaced_and_removed(tmp_path):
+    md = tmp_path / "01-x.md"
+    md.write_text("```python\nprint(1)\n```\n\ntext\n\n```python\nx = 2\n```\n"
+                  "<!--\n```python\nprint('hidden')\n```\n-->\n", encoding="utf-8")  # fmt: skip
+    outputs = run.run_chapter(md)["__outputs__"]
+    assert outputs == ["1\n", "", "hidden\n"]
+    assert run.differences(md, outputs) == [f"01-x.md block 1 (line 2) prints but shows nothing: run python tutorials/run.py to write its output"]
+    assert run.write_outputs(md, outputs)
+    assert "```python\nprint(1)\n```\n\n```text output\n1\n```\n" in md.read_text()
+    assert "print('hidden')\n```\n-->" in md.read_text() and md.read_text().count("```text output") == 1
+    assert run.differences(md, outputs) == [] and not run.write_outputs(md, outputs)  # stable
+    assert "now prints something else" in run.differences(md, ["2\n", "", ""])[0]
+    md.write_text(md.read_text().replace("print(1)", "# output varies\nprint(1)"))
+    assert run.differences(md, ["2\n", "", ""]) == []  # shown, not compared
+    run.write_outputs(md, ["", "", ""])
+    assert "```text output" not in md.read_text()
+
+
+def test_says_holds_the_prose_to_the_code(tmp_path):
+    md = tmp_path / "01-x.md"
+    md.write_text("The state is 4 MiB.\n\n<!--\n```python\nsays(f'{2 * 2} MiB')\n```\n-->\n", encoding="utf-8")
+    run.run_chapter(md)
+    md.write_text(md.read_text().replace("4 MiB.", "8 MiB."))
+    with pytest.raises(run.BlockError, match="should say '4 MiB'"):
+        run.run_chapter(md)
