@@ -383,3 +383,33 @@ def test_bad_arguments(checkpoint):
     (folder.parent / "file").write_text("")
     with pytest.raises(ValueError, match="not a folder"):
         save_hf(load_hf(folder), folder.parent / "file")
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs(), seed=st.integers(0, 2**31 - 1), coef=st.sampled_from([0.0, 0.3, 1.0]), pad=st.integers(0, 3))
+def test_training_loss_equals_transformers_with_its_balancing_loss(tmp_path_factory, config, seed, coef, pad):
+    """Our training loss (cross-entropy + coef * balancing loss) equals transformers'
+    JambaForCausalLM(..., labels, output_router_logits=True): the balancing loss pooled over the MoE
+    layers, times n (K at uniform routing), the padding excluded by the attention mask."""
+    pytest.importorskip("transformers")
+    config.router_aux_loss_coef = coef
+    theirs = hf_model(config, seed)
+    theirs.config.router_aux_loss_coef, theirs.router_aux_loss_coef = coef, coef
+    tmp = tmp_path_factory.mktemp("loss")
+    theirs.save_pretrained(tmp)
+    ours = load_hf(tmp)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0  # row 1 left-padded
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)  # nothing predicted from padding
+    targets = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1)  # ours: already shifted
+    moe = any(config.moe_layers)  # (transformers' loss function fails on an empty tuple of router logits)
+    out = theirs(ids, attention_mask=mask, labels=labels, output_router_logits=moe, use_cache=False)
+    _, loss = ours(ids, targets=targets, attention_mask=mask)
+    assert_close(loss, out.loss, RTOL, f"total loss at coef {coef}, {pad} padded")
+    if moe and coef > 0:  # the balancing part alone, padding excluded by the mask on both sides
+        ours.config.router_aux_loss_coef = 0.0
+        _, ce = ours(ids, targets=targets, attention_mask=mask)
+        assert_close((loss - ce) / coef, out.aux_loss, RTOL, f"balancing loss, {pad} padded")

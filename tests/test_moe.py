@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from helpers import MODEL_RTOL, RTOL, assert_close, gen, make_model, seeds, small_configs
 from minijamba import JambaConfig
 from minijamba.kernels.moe_dispatch import experts_grouped
-from minijamba.model.moe import MLP, Experts, Router, SparseMoE, experts_loop, load_balancing_loss
+from minijamba.model.moe import MLP, Experts, Router, SparseMoE, experts_loop, load_balancing_loss, router_stats
 
 
 def moe_config(h=4, f=4, n=4, K=2) -> JambaConfig:
@@ -122,13 +122,14 @@ def test_sparse_moe_is_router_then_experts(r, f, dtype):
     moe.reset_parameters(std=0.5, out_std=0.5)
     moe = moe.to(dtype)
     x = torch.randn(2, r["t"], h, generator=gen(r["seed"]), dtype=dtype)
-    y, aux = moe(x)
+    y, stats = moe(x)
     probs, weights, idx = moe.router(x.reshape(-1, h))
     y_ref = experts_loop(moe.experts, x.reshape(-1, h), weights, idx).reshape(x.shape)
     assert_close(y, y_ref, MODEL_RTOL[dtype], "moe output")
-    assert_close(aux, load_balancing_loss(probs, idx), 1e-12, "aux loss")
-    y_dense, zero = MLP(moe_config(h=h, f=f)).to(dtype)(x)
-    assert y_dense.shape == x.shape and zero.item() == 0.0
+    assert_close(load_balancing_loss([stats]), load_balancing_loss([router_stats(probs, idx)]), 1e-12, "aux loss")
+    assert stats.counts.sum().item() == 2 * r["t"] * K and stats.rows.item() == 2 * r["t"]
+    y_dense, none = MLP(moe_config(h=h, f=f)).to(dtype)(x)
+    assert y_dense.shape == x.shape and none is None
 
 
 # --- the load-balancing loss -------------------------------------------------------------------
@@ -136,30 +137,36 @@ def test_sparse_moe_is_router_then_experts(r, f, dtype):
 
 @settings(max_examples=40, deadline=None)
 @given(routing())
-def test_aux_loss_is_one_for_uniform_routing(r):
-    """n * sum_i f_i P_i = 1 when the router probabilities are uniform (whatever the assignment),
-    and when the assignments are spread evenly (whatever the probabilities)."""
+def test_aux_loss_is_k_for_uniform_routing(r):
+    """n * sum_i f_i P_i = K (f sums to K, as transformers counts it) when the router probabilities
+    are uniform (whatever the assignment), and when the assignments are spread evenly (whatever the
+    probabilities)."""
     t, n, K = r["t"], r["n"], r["K"]
     g = gen(r["seed"])
     any_assignment = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(t)])
     uniform = torch.full((t, n), 1.0 / n)
-    assert abs(load_balancing_loss(uniform, any_assignment).item() - 1) < 1e-6
+    assert abs(lbl(uniform, any_assignment) - K) < 1e-6
     # Token j takes experts j, j+1, ..., j+K-1 (mod n): over t = n tokens every expert gets K of n*K.
     balanced = (torch.arange(n)[:, None] + torch.arange(K)[None, :]) % n
     any_probs = torch.softmax(3 * torch.randn(n, n, generator=g), -1)
-    assert abs(load_balancing_loss(any_probs, balanced).item() - 1) < 1e-6
+    assert abs(lbl(any_probs, balanced) - K) < 1e-6
     # Through the router: zero router weights give uniform probabilities.
     router = Router(moe_config(h=r["h"], n=n, K=K))
     torch.nn.init.zeros_(router.weight)
     probs, _, experts = router(torch.randn(t, r["h"], generator=g))
-    assert abs(load_balancing_loss(probs, experts).item() - 1) < 1e-6
+    assert abs(lbl(probs, experts) - K) < 1e-6
+
+
+def lbl(probs, experts, mask=None) -> float:
+    """The loss of one layer's routing."""
+    return load_balancing_loss([router_stats(probs, experts, mask)]).item()
 
 
 @settings(max_examples=60, deadline=None)
 @given(routing(), st.floats(0.0, 5.0))
-def test_aux_loss_at_least_one_when_tokens_share_probabilities(r, sharpness):
+def test_aux_loss_at_least_k_when_tokens_share_probabilities(r, sharpness):
     """If every token has the same router probabilities p, every token picks the same top K, so
-    f_i = 1/K on them and loss = n/K * (sum of the top-K p) >= n/K * K/n = 1 (the top K of n numbers
+    f_i = 1 on them and loss = n * (sum of the top-K p) >= n * K/n = K (the top K of n numbers
     average at least their mean). Equality iff p is uniform (or K = n, where the top K is everything)."""
     t, h, n, K = r["t"], r["h"], r["n"], r["K"]
     torch.manual_seed(r["seed"])
@@ -167,21 +174,41 @@ def test_aux_loss_at_least_one_when_tokens_share_probabilities(r, sharpness):
     torch.nn.init.normal_(router.weight, std=sharpness)
     x = torch.randn(1, h, generator=gen(r["seed"])).expand(t, h)  # identical tokens
     probs, _, experts = router(x)
-    loss = load_balancing_loss(probs, experts)
+    loss = lbl(probs, experts)
     p = probs[0]
     top = p.topk(K).values.sum()
-    assert abs(loss.item() - n / K * top.item()) < 1e-5
-    assert loss.item() >= 1 - 1e-6
+    assert abs(loss - n * top.item()) < 1e-5 * n
+    assert loss >= K - 1e-6
     if K < n and (p.max() - p.min()).item() > 1e-3:
-        assert loss.item() > 1 + 1e-6  # strictly above the minimum when routing is not uniform
+        assert loss > K + 1e-6  # strictly above the minimum when routing is not uniform
+
+
+@settings(max_examples=30, deadline=None)
+@given(routing(), st.integers(1, 3))
+def test_pooled_over_layers_and_padding_left_out(r, layers):
+    """The layers' counts are pooled before the product (not a mean of per-layer losses), and a
+    masked token counts for nothing: the loss equals that of the real tokens alone."""
+    t, h, n, K = r["t"], r["h"], r["n"], r["K"]
+    g = gen(r["seed"])
+    runs = [(torch.softmax(2 * torch.randn(t, n, generator=g), -1), torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(t)]))
+            for _ in range(layers)]  # fmt: skip
+    pooled = load_balancing_loss([router_stats(p, e) for p, e in runs]).item()
+    f = sum(torch.bincount(e.flatten(), minlength=n).double() for _, e in runs) / (t * layers)
+    P = sum(p.double().sum(0) for p, _ in runs) / (t * layers)
+    assert abs(pooled - n * (f * P).sum().item()) < 1e-5
+    mask = torch.rand(t, generator=g) < 0.6
+    mask[0] = True
+    masked = load_balancing_loss([router_stats(p, e, mask) for p, e in runs]).item()
+    alone = load_balancing_loss([router_stats(p[mask], e[mask]) for p, e in runs]).item()
+    assert abs(masked - alone) < 1e-5
 
 
 def test_aux_loss_has_a_gradient_for_the_router():
     torch.manual_seed(0)
     moe = SparseMoE(moe_config(n=4, K=2))
     moe.reset_parameters(std=0.5)
-    _, aux = moe(torch.randn(2, 5, 4))
-    (grad,) = torch.autograd.grad(aux, moe.router.weight)
+    _, stats = moe(torch.randn(2, 5, 4))
+    (grad,) = torch.autograd.grad(load_balancing_loss([stats]), moe.router.weight)
     assert grad.abs().max() > 1e-6
 
 
@@ -191,8 +218,8 @@ def test_aux_loss_has_a_gradient_for_the_router():
 @settings(max_examples=25, deadline=None)
 @given(small_configs(moe=True, router_aux_loss_coef=0.25), seeds, st.integers(1, 6))
 def test_model_loss_includes_the_aux_loss(config, seed, l):
-    """loss = cross-entropy + coef * (mean aux loss of the MoE layers) whenever coef > 0, with the
-    gradient to match; exactly the cross-entropy when coef = 0."""
+    """loss = cross-entropy + coef * (the loss of the MoE layers' pooled routing) whenever coef > 0,
+    with the gradient to match; exactly the cross-entropy when coef = 0."""
     model = make_model(config, seed)
     g = gen(seed)
     ids = torch.randint(0, config.vocab_size, (2, l), generator=g)
@@ -207,7 +234,7 @@ def test_model_loss_includes_the_aux_loss(config, seed, l):
     assert len(hooks) == sum(config.moe_layers) > 0
     logits, loss = model(ids, targets=targets)
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    mean_aux = torch.stack(aux).mean()
+    mean_aux = load_balancing_loss(aux)
     assert mean_aux.item() > 0
     assert_close(loss, ce + 0.25 * mean_aux, 1e-12, "loss with aux")
     routers = [layer.feed_forward.router.weight for layer in model.layers if isinstance(layer.feed_forward, SparseMoE)]

@@ -30,7 +30,7 @@ from torch import nn
 from minijamba.model.attention import Attention
 from minijamba.model.config import JambaConfig
 from minijamba.model.mamba import MambaMixer
-from minijamba.model.moe import MLP, SparseMoE
+from minijamba.model.moe import MLP, SparseMoE, load_balancing_loss
 from minijamba.model import reference  # noqa: F401  (registers the reference primitives)
 from minijamba.model.norm import RMSNorm
 from minijamba.model.state import InferenceState
@@ -70,14 +70,14 @@ class DecoderLayer(nn.Module):
         self.feed_forward = SparseMoE(config) if config.is_moe_layer(index) else MLP(config)
 
     def forward(self, x, state: InferenceState | None = None, mask=None):
-        """x (b, l, h) -> (b, l, h), and the MLP's auxiliary loss (0 for a dense MLP)."""
+        """x (b, l, h) -> (b, l, h), and the MoE's routing counts (`RouterStats`; None for a dense MLP)."""
         layer_state = None if state is None else state.layers[self.index]
         if self.kind == "attention":
             x = x + self.self_attn(self.input_layernorm(x), state, mask, cache=layer_state)
         else:
             x = x + self.mamba(self.input_layernorm(x), layer_state, mask)
-        y, aux = self.feed_forward(self.pre_ff_layernorm(x))
-        return x + y, aux
+        y, routing = self.feed_forward(self.pre_ff_layernorm(x), mask)
+        return x + y, routing
 
 
 class Jamba(nn.Module):
@@ -85,8 +85,9 @@ class Jamba(nn.Module):
 
     `model(input_ids)` returns logits (b, l, V). `model(input_ids, targets=t)` returns
     `(logits, loss)`: the mean cross-entropy over targets != -100, plus
-    `router_aux_loss_coef` times the mean load-balancing loss of the MoE layers whenever that
-    coefficient is above zero (no extra flag: the router is trained by default).
+    `router_aux_loss_coef` times the load-balancing loss of the MoE layers' pooled routing, padding
+    excluded, whenever that coefficient is above zero: transformers' `JambaForCausalLM` loss with
+    `output_router_logits=True` (no extra flag here: the router is trained by default).
     """
 
     def __init__(self, config: JambaConfig):
@@ -160,11 +161,11 @@ class Jamba(nn.Module):
             else:
                 state.advance(mask)
         x = self.embed_tokens(input_ids)  # (b, l, h)
-        aux = []
+        routing = []  # each MoE layer's RouterStats
         for layer in self.layers:
-            x, layer_aux = layer(x, state, mask)
-            if isinstance(layer.feed_forward, SparseMoE):
-                aux.append(layer_aux)
+            x, stats = layer(x, state, mask)
+            if stats is not None:
+                routing.append(stats)
         x = self.final_layernorm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -173,8 +174,8 @@ class Jamba(nn.Module):
             return logits
         up = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
         loss = F.cross_entropy(logits.to(up).flatten(0, 1), targets.flatten(), ignore_index=-100)
-        if aux and self.config.router_aux_loss_coef > 0:
-            loss = loss + self.config.router_aux_loss_coef * torch.stack(aux).mean()
+        if routing and self.config.router_aux_loss_coef > 0:
+            loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(routing)
         return logits, loss
 
 

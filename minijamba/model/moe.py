@@ -13,10 +13,16 @@ output is  sum over its K experts of  p_i * expert_i(x).  The K weights are the 
 probabilities themselves, NOT renormalised to sum to 1: that is what Jamba (like Mixtral's router
 before renormalisation) does, and what the released weights expect.
 
-Load balancing (`load_balancing_loss`, Switch Transformer eq. 4-6):  E * sum_i f_i P_i, where f_i
-is the fraction of the t*K assignments that went to expert i and P_i the mean router probability
-of expert i. It is 1 when routing is uniform. The model adds coef * its mean over MoE layers to
-the training loss whenever `router_aux_loss_coef > 0`.
+Load balancing (Switch Transformer eq. 4-6), as transformers' Jamba trains with it
+(`load_balancing_loss_func`): each MoE layer counts its routing (`router_stats`: the top-K
+assignments per expert and the router probabilities summed over its real tokens, padding left
+out), and `load_balancing_loss` pools the counts of every MoE layer before it multiplies:
+
+    E * sum_i f_i P_i,   f_i = assignments to expert i / tokens,   P_i = probability of i / tokens,
+
+tokens and assignments summed over all MoE layers. f sums to K, P to 1, so the loss is K when the
+routing is uniform (not 1: transformers' scale, which `router_aux_loss_coef` was tuned for). The
+model adds coef * this loss to the training loss whenever `router_aux_loss_coef > 0`.
 
 The experts run through the dispatch point (`minijamba.model.dispatch`): the reference,
 `experts_loop`, takes each expert in turn, gathers the tokens routed to it, runs it and adds its
@@ -25,6 +31,8 @@ and runs all experts as one grouped matmul per projection; a test holds the two 
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +58,9 @@ class MLP(nn.Module):
         nn.init.normal_(self.up_proj.weight, std=std)
         nn.init.normal_(self.down_proj.weight, std=out_std)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (b, l, h) -> (b, l, h), and an auxiliary loss of 0 (same return as SparseMoE)."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), x.new_zeros(())
+    def forward(self, x: torch.Tensor, mask=None) -> tuple[torch.Tensor, None]:
+        """x (b, l, h) -> (b, l, h), and None: no routing (SparseMoE returns its RouterStats there)."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
 
 
 class Router(nn.Module):
@@ -69,22 +77,42 @@ class Router(nn.Module):
         return probs, weights.to(x.dtype), experts
 
 
-def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, group=None) -> torch.Tensor:
-    """n * sum_i f_i P_i for one layer. probs (t, E); experts (t, K). Equals 1 for uniform routing.
+class RouterStats(NamedTuple):
+    """One MoE layer's routing, summed over its real tokens (see `load_balancing_loss`)."""
 
-    group: the process group a data-parallel batch is split over, or None. Then f is counted over
-    the whole global batch (one all-reduce of E counts; f carries no gradient), so that the mean of
-    this loss over the processes, and of its gradients, are those of the global batch (each
-    process holding as many tokens); see minijamba.training.distributed."""
-    E = probs.shape[-1]
-    counts = torch.zeros(E, device=probs.device, dtype=probs.dtype).index_add_(
-        0, experts.reshape(-1), torch.ones(experts.numel(), device=probs.device, dtype=probs.dtype)
-    )  # assignments per expert   (E,)
+    counts: torch.Tensor  # (E,) top-K assignments per expert (no gradient); over the global batch
+    rows: torch.Tensor  # () tokens those counts are over
+    probs: torch.Tensor  # (E,) router probability per expert, summed over this process's tokens
+    local_rows: torch.Tensor  # () tokens those probabilities are over
+
+
+def router_stats(probs: torch.Tensor, experts: torch.Tensor, mask=None, group=None) -> RouterStats:
+    """probs (t, E), experts (t, K), mask (t,) True for real tokens (None: all) -> RouterStats.
+
+    group: the process group a data-parallel batch is split over, or None. Then the counts are
+    over the whole global batch (one all-reduce; they carry no gradient), so that the mean over
+    the processes of the loss and of its gradients are those of the global batch (each process
+    holding as many tokens); see minijamba.training.distributed."""
+    E, K = probs.shape[-1], experts.shape[-1]
+    real = probs.new_ones(probs.shape[0]) if mask is None else mask.to(probs.dtype)  # (t,)
+    counts = probs.new_zeros(E).index_add_(0, experts.reshape(-1), real.repeat_interleave(K))  # (E,)
+    rows = real.sum()
+    local_rows = rows
     if group is not None:
-        torch.distributed.all_reduce(counts, group=group)
-    f = counts / counts.sum()  # fraction of assignments per expert   (E,)
-    P = probs.mean(0)  # mean router probability per expert       (E,)
-    return E * (f * P).sum()
+        both = torch.cat([counts, rows[None]]).detach()
+        torch.distributed.all_reduce(both, group=group)
+        counts, rows = both[:E], both[E]
+    return RouterStats(counts.detach(), rows.detach(), (probs * real[:, None]).sum(0), local_rows)
+
+
+def load_balancing_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """E * sum_i f_i P_i over the pooled routing of every MoE layer in `stats` (K when uniform)."""
+    counts = torch.stack([s.counts for s in stats]).sum(0)  # (E,)
+    probs = torch.stack([s.probs for s in stats]).sum(0)  # (E,)
+    rows = torch.stack([s.rows for s in stats]).sum().clamp(min=1)
+    local_rows = torch.stack([s.local_rows for s in stats]).sum().clamp(min=1)
+    f, P = counts / rows, probs / local_rows  # (E,) each: f sums to K, P to 1
+    return counts.shape[0] * (f * P).sum()
 
 
 class Experts(nn.Module):
@@ -147,10 +175,12 @@ class SparseMoE(nn.Module):
         nn.init.normal_(self.router.weight, std=std)
         self.experts.reset_parameters(std, out_std)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (b, l, h) -> (b, l, h), and this layer's load-balancing loss (a scalar)."""
+    def forward(self, x: torch.Tensor, mask=None) -> tuple[torch.Tensor, RouterStats]:
+        """x (b, l, h), mask (b, l) True for real tokens or None -> (b, l, h), and this layer's
+        routing counts for the load-balancing loss (padding left out of them; it is routed as any token)."""
         b, l, h = x.shape
         xt = x.reshape(b * l, h)  # (t, h)
         probs, weights, idx = self.router(xt)  # (t, E), (t, K), (t, K)
         y = self.experts(xt, weights, idx)  # (t, h)
-        return y.reshape(b, l, h), load_balancing_loss(probs, idx, self.balance_group)
+        real = None if mask is None else mask.reshape(b * l)  # (t,)
+        return y.reshape(b, l, h), router_stats(probs, idx, real, self.balance_group)
