@@ -85,6 +85,13 @@ def build_parser() -> Parser:
         metavar="V",
         help=f"MQAR distinct values to draw from (default {d.mqar_values})",
     )
+    g.add_argument(
+        "--mqar-length",
+        type=int,
+        metavar="L",
+        help="MQAR tokens per sequence, the queries spread over those after the pairs among <pad> tokens, as in "
+        "the Zoology study (default 0: the queries right after the pairs)",
+    )
     g = p.add_argument_group("model")
     g.add_argument(
         "--preset", metavar="NAME", help=f"model preset: {', '.join(PRESETS)} (default {d.preset})"

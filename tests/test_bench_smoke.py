@@ -86,3 +86,19 @@ def test_gpu_serving_smoke(tmp_path, capsys):
     engine = next(r for r in rows if r["part"] == "engine")
     assert engine["prompts"] == 4 and engine["new_tokens_per_s"] > 0
     assert next(r for r in rows if r["part"] == "profile")["kernels_a_step"] > 0
+
+
+def test_gpu_recall_smoke(tmp_path):
+    """bench/gpu_recall.py's grid on the CPU: every layout's train_tiny.py run finishes and reports
+    its recall accuracy after the same number of steps."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_recall", Path(__file__).resolve().parents[1] / "bench" / "gpu_recall.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "recall.json"
+    assert mod.main(["--smoke", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(r["layout"] for r in runs) == sorted(mod.LAYOUTS)
+    assert all(r["step"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in runs)

@@ -181,6 +181,7 @@ def specs(draw):
         queries=draw(st.integers(1, pairs)),
         keys=draw(st.integers(pairs, pairs + 10)),
         values=draw(st.integers(2, 20)),
+        seq_len=draw(st.sampled_from([0, 1, 7])) and 2 * pairs + 2 * pairs + draw(st.integers(0, 9)),
     )
 
 
@@ -202,10 +203,13 @@ def test_mqar_answers_are_correct_by_construction(spec, seed):
             if target == IGNORE:
                 continue
             key = row_x[t]
-            assert t >= 2 * P  # only queries are scored
+            assert t >= 2 * P and (t - 2 * P) % 2 == 0  # only queries are scored, each in a 2-token slot
             assert target == context[key]
             asked.append(key)
         assert len(asked) == Q == len(set(asked))  # each asked key once
+        # between the queries, <pad> (the input holds every token but the last, which may be one)
+        pads = row_x[2 * P :].count(0)
+        assert spec.length - 2 * P - 2 * Q - 1 <= pads <= spec.length - 2 * P - 2 * Q
 
 
 def test_mqar_task_batches_are_deterministic_and_split_by_rows():
@@ -229,6 +233,7 @@ def test_mqar_task_batches_are_deterministic_and_split_by_rows():
         (dict(pairs=10, queries=10, keys=5), "keys"),
         (dict(values=1), "values"),
         (dict(pairs=0), "at least one"),
+        (dict(pairs=4, queries=4, seq_len=15), "too short for 4 pairs and 4 queries: they take 16"),
     ],
 )
 def test_mqar_bad_sizes_are_refused(kwargs, match):

@@ -22,6 +22,12 @@ pairs, then asks Q of the keys again; after each asked key the model must produc
 
     k12 v3 k7 v9 k40 v3 ... | k7 v9 k12 v3 ...       (targets only at the answers: v9, v3, ...)
 
+With a length L (`--mqar-length`, as the Zoology study's sequence length), the queries are spread
+over the L - 2P tokens after the pairs, each (key, value) at a random place among <pad> tokens, so
+that a key is asked far from where it was given:
+
+    k12 v3 k7 v9 k40 v3 ... | <pad> <pad> k7 v9 <pad> <pad> <pad> <pad> k12 v3 <pad> ...
+
 Attention can look the key up; a recurrent state has to have stored all P pairs. The Jamba paper
 (section 6.2) finds pure Mamba weak at this kind of in-context recall and the hybrid strong.
 Sequences are drawn from (seed, step) too, and every answer is correct by construction.
@@ -223,15 +229,17 @@ class TextTask:
 # --- MQAR --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MQARSpec:
-    """Sizes of the recall task: P pairs in context, Q of them asked, keys and values to draw from."""
+    """Sizes of the recall task: P pairs in context, Q of them asked, keys and values to draw from,
+    and the sequence length L (0: the pairs then the queries, 2P + 2Q tokens, nothing between)."""
 
     pairs: int = 8
     queries: int = 8
     keys: int = 32
     values: int = 32
+    seq_len: int = 0
 
     def validate(self) -> None:
-        for name in ("pairs", "queries", "keys", "values"):
+        for name in ("pairs", "queries", "keys", "values", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"--mqar-{name} must be an integer, got {value!r}")
@@ -254,11 +262,19 @@ class MQARSpec:
             )
         if self.values < 2:
             raise ValueError(f"MQAR needs at least 2 values (--mqar-values), got {self.values}")
+        need = 2 * self.pairs + 2 * self.queries
+        if self.seq_len and self.seq_len < need:
+            raise ValueError(
+                f"--mqar-length {self.seq_len} is too short for {self.pairs} pairs and {self.queries} queries: "
+                f"they take {need} tokens (2P + 2Q); give at least that, or 0 for no room between them"
+            )
+        if self.seq_len < 0:
+            raise ValueError(f"--mqar-length must be >= 0 (0: no room between pairs and queries), got {self.seq_len}")
 
     @property
     def length(self) -> int:
-        """Tokens per sequence: 2P for the pairs and 2Q for the queries and answers."""
-        return 2 * self.pairs + 2 * self.queries
+        """Tokens per sequence: L, or 2P for the pairs and 2Q for the queries and answers."""
+        return self.seq_len or 2 * self.pairs + 2 * self.queries
 
     def words(self) -> list[str]:
         return (
@@ -267,7 +283,7 @@ class MQARSpec:
 
 
 def mqar_sequences(spec: MQARSpec, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """n MQAR sequences as inputs and targets, (n, 2P + 2Q - 1) each.
+    """n MQAR sequences as inputs and targets, (n, L - 1) each (L = spec.length).
 
     Ids: 0 pad, 1 unk, keys 2 .. 2+K-1, values after them. targets is IGNORE everywhere except
     where the input is an asked key; there it is the value that key was paired with.
@@ -277,14 +293,18 @@ def mqar_sequences(spec: MQARSpec, n: int, generator: torch.Generator) -> tuple[
     keys = torch.argsort(torch.rand(n, K, generator=generator), dim=1)[:, :P]  # (n, P) distinct keys
     values = torch.randint(spec.values, (n, P), generator=generator)  # (n, P), repeats allowed
     asked = torch.argsort(torch.rand(n, P, generator=generator), dim=1)[:, :Q]  # (n, Q) which pairs
-    seq = torch.empty(n, spec.length, dtype=torch.int64)
+    # Where each query goes: one of the 2-token slots after the pairs (in order; with no room
+    # between, slot i is query i).
+    slots = (spec.length - 2 * P) // 2
+    where = torch.argsort(torch.rand(n, slots, generator=generator), dim=1)[:, :Q].sort(1).values  # (n, Q)
+    at = 2 * P + 2 * where  # (n, Q) position of each asked key
+    seq = torch.zeros(n, spec.length, dtype=torch.int64)  # <pad> wherever nothing is placed
     seq[:, 0 : 2 * P : 2] = key0 + keys
     seq[:, 1 : 2 * P : 2] = val0 + values
-    seq[:, 2 * P :: 2] = key0 + keys.gather(1, asked)
-    seq[:, 2 * P + 1 :: 2] = val0 + values.gather(1, asked)
+    seq.scatter_(1, at, key0 + keys.gather(1, asked))
+    seq.scatter_(1, at + 1, val0 + values.gather(1, asked))
     inputs, targets = seq[:, :-1], seq[:, 1:].clone()
-    answer = torch.zeros_like(targets, dtype=torch.bool)
-    answer[:, 2 * P :: 2] = True  # the target after each asked key
+    answer = torch.zeros_like(targets, dtype=torch.bool).scatter_(1, at, True)  # the target after each asked key
     targets[~answer] = IGNORE
     return inputs, targets
 
@@ -308,7 +328,7 @@ class MQARTask:
 
     def fingerprint(self) -> str:
         s = self.spec
-        return f"mqar-{s.pairs}-{s.queries}-{s.keys}-{s.values}"
+        return f"mqar-{s.pairs}-{s.queries}-{s.keys}-{s.values}" + (f"-{s.seq_len}" if s.seq_len else "")
 
     def batch(
         self, step: int, batch_size: int, rows: slice = slice(None)

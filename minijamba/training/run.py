@@ -76,6 +76,7 @@ class TrainConfig:
     mqar_queries: int = 8
     mqar_keys: int = 32
     mqar_values: int = 32
+    mqar_length: int = 0  # tokens per MQAR sequence (0: 2P + 2Q, nothing between pairs and queries)
     device: str = "auto"  # "auto" = cuda if available, else cpu
     compile: bool = False  # torch.compile the model
     cuda_graphs: bool = False  # compile with mode="reduce-overhead": steps replayed as CUDA graphs (GPU)
@@ -167,7 +168,7 @@ class TrainConfig:
             raise ValueError(f"--override: {e}") from None
 
     def mqar_spec(self) -> MQARSpec:
-        return MQARSpec(self.mqar_pairs, self.mqar_queries, self.mqar_keys, self.mqar_values)
+        return MQARSpec(self.mqar_pairs, self.mqar_queries, self.mqar_keys, self.mqar_values, self.mqar_length)
 
 
 @dataclass
