@@ -296,7 +296,10 @@ def mqar_sequences(spec: MQARSpec, n: int, generator: torch.Generator) -> tuple[
     # Where each query goes: one of the 2-token slots after the pairs (in order; with no room
     # between, slot i is query i).
     slots = (spec.length - 2 * P) // 2
-    where = torch.argsort(torch.rand(n, slots, generator=generator), dim=1)[:, :Q].sort(1).values  # (n, Q)
+    if slots == Q:  # no room between: no draw, so that these sequences are those of before --mqar-length
+        where = torch.arange(Q).expand(n, Q)
+    else:
+        where = torch.argsort(torch.rand(n, slots, generator=generator), dim=1)[:, :Q].sort(1).values  # (n, Q)
     at = 2 * P + 2 * where  # (n, Q) position of each asked key
     seq = torch.zeros(n, spec.length, dtype=torch.int64)  # <pad> wherever nothing is placed
     seq[:, 0 : 2 * P : 2] = key0 + keys
