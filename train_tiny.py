@@ -6,6 +6,7 @@
     python train_tiny.py --resume                 # continue where it stopped
     python train_tiny.py --layout mamba --out-dir out/mamba      # the same size, Mamba layers only
     python train_tiny.py --task mqar --out-dir out/mqar           # associative recall
+    python train_tiny.py --pack --out-dir out/packed              # documents packed, none crossing into the next
     python train_tiny.py --fast --cuda-graphs --weights bf16      # a GPU's fastest: see README.md
     torchrun --nproc-per-node 2 train_tiny.py --out-dir out/two   # 2 GPUs (or CPU processes): FSDP2
 
@@ -63,6 +64,13 @@ def build_parser() -> Parser:
         type=int,
         metavar="L",
         help=f"tokens per training sequence (text task; default {d.seq_len})",
+    )
+    g.add_argument(
+        "--pack",
+        action="store_true",
+        default=None,
+        help="text: pack the corpus's documents into full rows with nothing crossing a boundary (the conv "
+        "window, the SSM state and attention restart at each document; no target across one)",
     )
     g.add_argument(
         "--mqar-pairs",

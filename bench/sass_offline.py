@@ -34,16 +34,16 @@ import scan_copy  # noqa: E402
 # (argument names, types) of each kernel, as triton_scan.py declares them
 ARGS = {
     "fwd": (
-        "u delta A B C D z bias h0 out hlast hsave dim L",
-        "*bf16 *bf16 *fp32 *bf16 *bf16 *fp32 *bf16 *fp32 *fp32 *bf16 *fp32 *fp32 i32 i32",
+        "u delta A B C D z bias h0 seq out hlast hsave dim L",
+        "*bf16 *bf16 *fp32 *bf16 *bf16 *fp32 *bf16 *fp32 *fp32 *i32 *bf16 *fp32 *fp32 i32 i32",
     ),
     "bwd": (
-        "u delta A B C D z bias hsave dout dhlast du ddelta dz dA dB dC dD dbias dh0 dim L",
-        "*bf16 *bf16 *fp32 *bf16 *bf16 *fp32 *bf16 *fp32 *fp32 *bf16 *fp32 "
+        "u delta A B C D z bias seq hsave dout dhlast du ddelta dz dA dB dC dD dbias dh0 dim L",
+        "*bf16 *bf16 *fp32 *bf16 *bf16 *fp32 *bf16 *fp32 *i32 *fp32 *bf16 *fp32 "
         "*bf16 *bf16 *bf16 *fp32 *fp32 *fp32 *fp32 *fp32 *fp32 i32 i32",
     ),
 }
-FLAGS = dict(N=16, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+FLAGS = dict(N=16, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_SEQ=False)
 
 
 def compile_kernel(path: Path, which: str, ti: int | None, warps: int | None):

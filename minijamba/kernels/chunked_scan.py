@@ -18,7 +18,7 @@ import functools
 import torch
 from einops import rearrange
 
-from minijamba.model.ssm import _finish, _fp32_math, _prepare, chunk_len
+from minijamba.model.ssm import _finish, _fp32_math, _prepare, chunk_len, continues
 
 
 def _scan_(a: torch.Tensor, x: torch.Tensor) -> None:
@@ -52,10 +52,13 @@ def _scan_reverse_(a: torch.Tensor, x: torch.Tensor) -> None:
     x_even[:, :-1].addcmul_(a_even[:, :-1], x_odd[:, 1 - p :])  # 3. element t from t+1 (not the last)
 
 
-def _discretize(u, delta, At, B):
+def _discretize(u, delta, At, B, keep):
     """Ā = exp(ΔA) and B̄u = ΔBu for a stretch of T steps. u, delta (b, T, d); At = Aᵀ (n, d);
-    B (b, T, n) -> a, x, each (b, T, n, d), fresh and contiguous (the scans work on them in place)."""
+    B (b, T, n); keep (b, T), 0 where a packed document starts, or None -> a, x, each (b, T, n, d),
+    fresh and contiguous (the scans work on them in place)."""
     a = (delta[:, :, None, :] * At).exp_()  # Ā_t = exp(Δ_t A)
+    if keep is not None:
+        a.mul_(keep[:, :, None, None])  # a new document forgets the state
     x = (delta * u)[:, :, None, :] * B[..., None]  # Δ_t B_t u_t
     return a, x
 
@@ -75,8 +78,8 @@ class _ChunkedScan(torch.autograd.Function):
     """h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t and y_t = C_t · h_t, one chunk of `chunk` steps at a
     time. Time-major, and the state stored as (n, d) so that d, the long axis, is the contiguous one
     (the sums over n then become matmuls): u, delta (b, l, d); At = Aᵀ (n, d); B, C (b, l, n);
-    h0 (b, n, d); l >= 1. Returns y (b, l, d) and the last state (b, n, d). No (b, l, n, d) tensor
-    is ever formed.
+    h0 (b, n, d); keep (b, l), 0 where a packed document starts (Ā = 0 there), or None; l >= 1.
+    Returns y (b, l, d) and the last state (b, n, d). No (b, l, n, d) tensor is ever formed.
 
     Backward: the gradient of a linear recurrence is the same recurrence run backwards in time,
         g_t = dL/dh_t = C_t dL/dy_t + a_{t+1} g_{t+1}
@@ -86,7 +89,7 @@ class _ChunkedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, At, B, C, h0, chunk):
+    def forward(ctx, u, delta, At, B, C, h0, keep, chunk):
         b, l, d = u.shape
         y = torch.empty_like(u)  # (b, l, d)
         starts = []  # the state before each chunk, (b, n, d) each
@@ -94,12 +97,12 @@ class _ChunkedScan(torch.autograd.Function):
         for s in range(0, l, chunk):
             e = min(s + chunk, l)
             starts.append(h)
-            a, x = _discretize(u[:, s:e], delta[:, s:e], At, B[:, s:e])  # (b, T, n, d) each
+            a, x = _discretize(u[:, s:e], delta[:, s:e], At, B[:, s:e], _part(keep, s, e))  # (b, T, n, d) each
             x[:, 0].addcmul_(a[:, 0], h)  # fold the state so far into the first step: a_s h + x_s
             _scan_(a, x)  # x now holds the states h_s .. h_{e-1}
             y[:, s:e] = _sum_n(x, C[:, s:e])  # y_t = C_t · h_t   (b, T, d)
             h = x[:, -1].clone()  # a copy, so that the chunk's memory is free for the next one
-        ctx.chunk = chunk
+        ctx.chunk, ctx.keep = chunk, keep
         ctx.save_for_backward(u, delta, At, B, C, torch.stack(starts, 1))  # starts (b, l/T, n, d)
         return y, h
 
@@ -115,7 +118,7 @@ class _ChunkedScan(torch.autograd.Function):
             s, e = c * chunk, min(c * chunk + chunk, l)
             u_c, delta_c, h_start = u[:, s:e], delta[:, s:e], starts[:, c]
             # 1. The chunk's states again, from its start: h (b, T, n, d).
-            a, h = _discretize(u_c, delta_c, At, B[:, s:e])
+            a, h = _discretize(u_c, delta_c, At, B[:, s:e], _part(ctx.keep, s, e))
             h[:, 0].addcmul_(a[:, 0], h_start)
             _scan_(a.clone(), h)
             # 2. g_t = C_t dL/dy_t + a_{t+1} g_{t+1}, from the end of the chunk backwards.
@@ -135,19 +138,24 @@ class _ChunkedScan(torch.autograd.Function):
             dAt += q.mul_(delta_c[:, :, None, :]).sum((0, 1))  # sum over b and t of q_t Δ_t
             dB[:, s:e] = _sum_d(g, delta_c * u_c)  # sum_d g_t Δ_t u_t   (b, T, n)
             dC[:, s:e] = _sum_d(h, dy[:, s:e])  # sum_d dL/dy_t h_t   (b, T, n)
-        return du, ddelta, dAt, dB, dC, dh, None
+        return du, ddelta, dAt, dB, dC, dh, None, None
+
+
+def _part(keep, s, e):
+    return None if keep is None else keep[:, s:e]
 
 
 @_fp32_math
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    return_last_state=False, initial_state=None,
+    return_last_state=False, initial_state=None, seq_idx=None,
 ):  # fmt: skip
     """`minijamba.model.ssm.selective_scan` with the hand-written backward of `_ChunkedScan`.
 
     Same arguments, shapes and result as `selective_scan_sequential` (and mamba-ssm's
     `selective_scan_fn`): u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,);
-    initial_state (b, d, n). Returns y (b, d, l), and the last state (b, d, n) when asked.
+    initial_state (b, d, n); seq_idx (b, l) or None (packed documents, see minijamba.model.ssm).
+    Returns y (b, d, l), and the last state (b, d, n) when asked.
     """
     dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -162,7 +170,7 @@ def selective_scan(
         y, last = _ChunkedScan.apply(
             layout(u, "b d l -> b l d"), layout(delta, "b d l -> b l d"), layout(A, "d n -> n d"),
             layout(B, "b n l -> b l n"), layout(C, "b n l -> b l n"), layout(h0, "b d n -> b n d"),
-            chunk_len(b, d, n, l, u.device, torch.finfo(f).bits // 8),
+            None if seq_idx is None else continues(seq_idx).to(f), chunk_len(b, d, n, l, u.device, torch.finfo(f).bits // 8),
         )  # (b, l, d), (b, n, d)  # fmt: skip
         y, last = rearrange(y, "b l d -> b d l"), rearrange(last, "b n d -> b d n")
     out = _finish(y, u, D, z, dtype)

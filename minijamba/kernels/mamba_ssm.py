@@ -13,6 +13,9 @@ What the adapter does, and where mamba-ssm differs from the reference:
   (checking costs one device-to-host sync). Any other initial state is honestly not mamba-ssm's
   to compute: that call goes to our Triton scan when it can run here, else to the reference.
   In the model this happens only when a prompt continues an earlier one (chunked prefill).
+- seq_idx (packed documents): mamba-ssm's Mamba-1 scan has no such argument (state-spaces/mamba#180),
+  and causal-conv1d takes it only for a channel-last layout; such calls go to our Triton kernels
+  (else the reference), as calls with an initial state do.
 - the last state: mamba-ssm's backward ignores any gradient reaching it, so we return it detached
   (an honest graph: no gradient path instead of a silently wrong one). The model only copies it
   into the inference state, which needs no gradient; initial and last states that must carry
@@ -77,13 +80,15 @@ def _fallback_scan():
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    return_last_state=False, initial_state=None,
+    return_last_state=False, initial_state=None, seq_idx=None,
 ):  # fmt: skip
     """`minijamba.model.ssm.selective_scan` through mamba-ssm's `selective_scan_fn` (see the module
-    docstring for initial_state). Returns y (b, d, l), and the last state (b, d, n) when asked."""
-    if initial_state is not None and (initial_state.requires_grad or bool(initial_state.any())):
+    docstring for initial_state and seq_idx). Returns y (b, d, l), and the last state (b, d, n) when asked."""
+    if seq_idx is not None or (
+        initial_state is not None and (initial_state.requires_grad or bool(initial_state.any()))
+    ):
         return _fallback_scan()(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx
         )  # fmt: skip
     load()
     dtype = u.dtype
@@ -98,15 +103,16 @@ def selective_scan(
     return result
 
 
-def causal_conv1d(x, weight, bias=None, context=None, silu=False):
+def causal_conv1d(x, weight, bias=None, context=None, silu=False, seq_idx=None):
     """`minijamba.model.ssm.causal_conv1d` on causal-conv1d's kernel where it is installed and can
-    take the call (no context), else on our Triton kernel. x (b, d, l) -> (b, d, l) in x's dtype."""
-    if context is None and x.stride(-1) == 1 and _causal_conv1d_fn() is not None:
+    take the call (no context, no seq_idx), else on our Triton kernel. x (b, d, l) -> (b, d, l) in
+    x's dtype."""
+    if context is None and seq_idx is None and x.stride(-1) == 1 and _causal_conv1d_fn() is not None:
         w, b = weight.to(x.dtype).contiguous(), None if bias is None else bias.to(x.dtype)
         return _causal_conv1d_fn()(x, w, b, activation="silu" if silu else None)
     from minijamba.kernels import triton_conv
 
-    return triton_conv.causal_conv1d(x, weight, bias, context, silu)
+    return triton_conv.causal_conv1d(x, weight, bias, context, silu, seq_idx)
 
 
 def _causal_conv1d_fn():

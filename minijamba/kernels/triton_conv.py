@@ -45,6 +45,11 @@ faster in GPU time (bench/RESULTS.md). The k shifted loads of each pass come fro
 the L2 reads, k per pass (2k in the backward: pre, then dw), bound both kernels. Loading each tile
 once and shifting it in registers, as dpre is shifted, is the next step.
 
+Packed documents (seq_idx (b, l) int32): a tap that would read a position of another document than
+its output's reads zero instead (the context counts as the row's first document), in both passes:
+the forward's and the recomputed pre-activation, dw's terms, and dxp's taps, each tap masked by
+comparing two loads of seq_idx.
+
 The wrappers are `torch.library.triton_op`s (`minijamba.kernels.custom_ops`), so torch.compile
 sees through them (no graph break), and eager calls launch the kernels directly.
 `CausalConv1dFn` ties forward and backward together for autograd. CUDA tensors only, unless
@@ -88,14 +93,32 @@ def _xp(x_row, ctx_row, q, ok, L, sx_l, sc_l, K: tl.constexpr, HAS_CONTEXT: tl.c
 
 
 @triton.jit
-def _pre(x_row, ctx_row, w_ptr, bias_ptr, s, c, ok, L, sx_l, sc_l,
-         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CONTEXT: tl.constexpr):  # fmt: skip
+def _doc(seq_ptr, pid_b, pos, L):
+    """seq_idx at positions pos (any shape), clamped into the row: before it is the context, which
+    belongs to the first document."""
+    return tl.load(seq_ptr + pid_b * L + tl.minimum(tl.maximum(pos, 0), L - 1))
+
+
+@triton.jit
+def _same(seq_ptr, pid_b, out_pos, in_pos, L, HAS_SEQ: tl.constexpr):
+    """1.0 where the output at out_pos and the input at in_pos (positions in x) are one document."""
+    same = 1.0
+    if HAS_SEQ:  # (one return: Triton compiles every return of a function, taken or not)
+        same = tl.where(_doc(seq_ptr, pid_b, out_pos, L) == _doc(seq_ptr, pid_b, in_pos, L), 1.0, 0.0)
+    return same
+
+
+@triton.jit
+def _pre(x_row, ctx_row, w_ptr, bias_ptr, seq_ptr, pid_b, s, c, ok, L, sx_l, sc_l,
+         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_SEQ: tl.constexpr):  # fmt: skip
     """pre[s] = Σ_j w[j] xp[s + j] + bias at positions s (BLOCK_L, 1) of channels c (1, BLOCK_D),
-    summed in float32 and not yet rounded. The taps unroll (k is a compile-time constant)."""
+    summed in float32 and not yet rounded; with HAS_SEQ, only taps of s's own document. The taps
+    unroll (k is a compile-time constant)."""
     acc = tl.zeros((s.shape[0], c.shape[1]), dtype=tl.float32)
     for j in tl.static_range(K):
         w = tl.load(w_ptr + c * K + j, mask=ok, other=0.0).to(tl.float32)  # (1, BLOCK_D)
-        acc += w * _xp(x_row, ctx_row, s + j, ok, L, sx_l, sc_l, K, HAS_CONTEXT)
+        v = _xp(x_row, ctx_row, s + j, ok, L, sx_l, sc_l, K, HAS_CONTEXT)
+        acc += w * v * _same(seq_ptr, pid_b, s, s + j - (K - 1), L, HAS_SEQ)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
     return acc
@@ -117,17 +140,17 @@ def _rows(x_ptr, ctx_ptr, pid_b, c, sx_b, sx_d, sc_b, sc_d, HAS_CONTEXT: tl.cons
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, ctx_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, ctx_ptr, seq_ptr, y_ptr,
     dim, L, sx_b, sx_d, sx_l, sc_b, sc_d, sc_l,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CONTEXT: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_b = tl.program_id(2).to(tl.int64)
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)[:, None]  # this tile's positions (BL, 1)
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # and channels          (1, BD)
     ok = c < dim
     x_row, ctx_row = _rows(x_ptr, ctx_ptr, pid_b, c, sx_b, sx_d, sc_b, sc_d, HAS_CONTEXT)
-    acc = _pre(x_row, ctx_row, w_ptr, bias_ptr, t, c, ok, L, sx_l, sc_l, K, HAS_BIAS, HAS_CONTEXT)
+    acc = _pre(x_row, ctx_row, w_ptr, bias_ptr, seq_ptr, pid_b, t, c, ok, L, sx_l, sc_l, K, HAS_BIAS, HAS_CONTEXT, HAS_SEQ)
     y = acc.to(y_ptr.dtype.element_ty)  # the one rounding of the convolution
     if SILU:
         pre = y.to(tl.float32)
@@ -140,12 +163,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, ctx_ptr, dy_ptr,  # inputs
+    x_ptr, w_ptr, bias_ptr, ctx_ptr, seq_ptr, dy_ptr,  # inputs
     dx_ptr, dctx_ptr, dw_ptr, dbias_ptr,  # outputs: dx like x, dcontext (b, d, k-1), partial sums
     dim, L, n_windows, per_program,
     sx_b, sx_d, sx_l, sc_b, sc_d, sc_l, sdy_b, sdy_d, sdy_l, sdx_b, sdx_d, sdx_l,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CONTEXT: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     OWN: tl.constexpr = BLOCK_L - (K - 1)  # positions a window owns; it starts K-1 before them
     pid_b = tl.program_id(2).to(tl.int64)
@@ -166,7 +189,8 @@ def _bwd_kernel(
         in_seq = ok & (s >= 0) & (s < L)  # zero outside the sequence: no gradient flows from there
         dpre = tl.load(dy_ptr + pid_b * sdy_b + c * sdy_d + s * sdy_l, mask=in_seq, other=0.0).to(tl.float32)
         if SILU:
-            acc = _pre(x_row, ctx_row, w_ptr, bias_ptr, s, c, ok, L, sx_l, sc_l, K, HAS_BIAS, HAS_CONTEXT)
+            acc = _pre(x_row, ctx_row, w_ptr, bias_ptr, seq_ptr, pid_b, s, c, ok, L, sx_l, sc_l, K, HAS_BIAS,
+                       HAS_CONTEXT, HAS_SEQ)  # fmt: skip
             pre = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)  # as the forward rounded it
             sg = tl.sigmoid(pre)
             dpre = dpre * sg * (1.0 + pre * (1.0 - sg))  # d SiLU(v) / dv = σ(v)(1 + v(1 - σ(v)))
@@ -176,21 +200,31 @@ def _bwd_kernel(
         #    tap loads re-read the ones above, from the cache). k <= 4, as in causal-conv1d.
         mine = tl.where(r >= K - 1, dpre, 0.0)
         dbias += mine
-        dw0 += mine * _xp(x_row, ctx_row, s, ok, L, sx_l, sc_l, K, HAS_CONTEXT)
+        dw0 += mine * _xp(x_row, ctx_row, s, ok, L, sx_l, sc_l, K, HAS_CONTEXT) * _same(
+                seq_ptr, pid_b, s, s + 0 - (K - 1), L, HAS_SEQ
+            )
         if K > 1:
-            dw1 += mine * _xp(x_row, ctx_row, s + 1, ok, L, sx_l, sc_l, K, HAS_CONTEXT)
+            dw1 += mine * _xp(x_row, ctx_row, s + 1, ok, L, sx_l, sc_l, K, HAS_CONTEXT) * _same(
+                seq_ptr, pid_b, s, s + 1 - (K - 1), L, HAS_SEQ
+            )
         if K > 2:
-            dw2 += mine * _xp(x_row, ctx_row, s + 2, ok, L, sx_l, sc_l, K, HAS_CONTEXT)
+            dw2 += mine * _xp(x_row, ctx_row, s + 2, ok, L, sx_l, sc_l, K, HAS_CONTEXT) * _same(
+                seq_ptr, pid_b, s, s + 2 - (K - 1), L, HAS_SEQ
+            )
         if K > 3:
-            dw3 += mine * _xp(x_row, ctx_row, s + 3, ok, L, sx_l, sc_l, K, HAS_CONTEXT)
+            dw3 += mine * _xp(x_row, ctx_row, s + 3, ok, L, sx_l, sc_l, K, HAS_CONTEXT) * _same(
+                seq_ptr, pid_b, s, s + 3 - (K - 1), L, HAS_SEQ
+            )
 
         # 3. dxp[p] = Σ_j w[j] dpre[p - j]: tap j reads the window shifted down by j rows. Rows
         #    below K-1 would need the window before; they belong to it and are not stored here.
-        dxp = tl.load(w_ptr + c * K, mask=ok, other=0.0).to(tl.float32) * dpre  # tap 0: no shift
+        #    With HAS_SEQ, only outputs s - j of the input's own document (input s - (K-1) in x).
+        w0 = tl.load(w_ptr + c * K, mask=ok, other=0.0).to(tl.float32)
+        dxp = w0 * dpre * _same(seq_ptr, pid_b, s, s - (K - 1), L, HAS_SEQ)  # tap 0: no shift
         for j in tl.static_range(1, K):
             w = tl.load(w_ptr + c * K + j, mask=ok, other=0.0).to(tl.float32)  # (1, BD)
             rows = tl.maximum(r - j, 0) + tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.int32)
-            dxp += w * tl.gather(dpre, rows, axis=0)  # row r: dpre[s - j]
+            dxp += w * tl.gather(dpre, rows, axis=0) * _same(seq_ptr, pid_b, s - j, s - (K - 1), L, HAS_SEQ)
         dxp = dxp.to(dx_ptr.dtype.element_ty)
         p = s  # the padded position of each row
         own = (r >= K - 1) & ok
@@ -232,7 +266,8 @@ def _context_strides(context: torch.Tensor | None) -> tuple[int, int, int]:
 @custom_op("minijamba::triton_causal_conv1d_fwd", mutates_args=())
 def _conv_fwd(
     launch,
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None, silu: bool
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None,
+    seq_idx: torch.Tensor | None, silu: bool,
 ) -> torch.Tensor:
     """y (b, d, l), contiguous, in x's dtype. weight (d, k) contiguous; all in x's dtype."""
     b, d, l = x.shape
@@ -242,8 +277,8 @@ def _conv_fwd(
     grid = (triton.cdiv(l, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]), b)
     has_ctx = _has_context(context)  # an unused pointer goes in as None (an empty tensor has none)
     launch(_fwd_kernel)[grid](
-        x, weight, bias, context if has_ctx else None, y, d, l, *x.stride(), *_context_strides(context),
-        K=k, HAS_BIAS=bias is not None, HAS_CONTEXT=has_ctx, SILU=silu, **cfg,
+        x, weight, bias, context if has_ctx else None, seq_idx, y, d, l, *x.stride(), *_context_strides(context),
+        K=k, HAS_BIAS=bias is not None, HAS_CONTEXT=has_ctx, SILU=silu, HAS_SEQ=seq_idx is not None, **cfg,
     )  # fmt: skip
     return y
 
@@ -252,7 +287,7 @@ def _conv_fwd(
 def _conv_bwd(
     launch,
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None,
-    dy: torch.Tensor, silu: bool,
+    seq_idx: torch.Tensor | None, dy: torch.Tensor, silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """dx (laid out like x), dcontext (b, d, k-1) or empty, and the float32 partial sums of dw
     (programs, d, k) and dbias (programs, d), to be summed over dim 0."""
@@ -271,10 +306,10 @@ def _conv_bwd(
     dw, dbias = torch.empty(b * runs, d, k, **f32), torch.empty(b * runs if bias is not None else 0, d, **f32)
     has_ctx = _has_context(context)
     launch(_bwd_kernel)[(triton.cdiv(d, block_d), runs, b)](
-        x, weight, bias, context if has_ctx else None, dy, dx, dctx if has_ctx else None, dw,
+        x, weight, bias, context if has_ctx else None, seq_idx, dy, dx, dctx if has_ctx else None, dw,
         dbias if bias is not None else None, d, l, n_windows, per_program,
         *x.stride(), *_context_strides(context), *dy.stride(), *dx.stride(),
-        K=k, HAS_BIAS=bias is not None, HAS_CONTEXT=has_ctx, SILU=silu, **cfg,
+        K=k, HAS_BIAS=bias is not None, HAS_CONTEXT=has_ctx, SILU=silu, HAS_SEQ=seq_idx is not None, **cfg,
     )  # fmt: skip
     return dx, dctx, dw, dbias
 
@@ -284,28 +319,29 @@ def _conv_bwd(
 
 class CausalConv1dFn(torch.autograd.Function):
     """The Triton forward and backward as one differentiable function of x, weight, bias, context
-    (all in x's dtype: `causal_conv1d` casts them)."""
+    (all in x's dtype: `causal_conv1d` casts them; seq_idx int32 or None)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, context, silu):
+    def forward(ctx, x, weight, bias, context, seq_idx, silu):
         ctx.silu = silu
-        ctx.save_for_backward(x, weight, bias, context)
-        return run_op(torch.ops.minijamba.triton_causal_conv1d_fwd, _conv_fwd, x, weight, bias, context, silu)
+        ctx.save_for_backward(x, weight, bias, context, seq_idx)
+        fwd = torch.ops.minijamba.triton_causal_conv1d_fwd
+        return run_op(fwd, _conv_fwd, x, weight, bias, context, seq_idx, silu)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, context = ctx.saved_tensors
+        x, weight, bias, context, seq_idx = ctx.saved_tensors
         bwd = torch.ops.minijamba.triton_causal_conv1d_bwd
-        dx, dctx, dw, dbias = run_op(bwd, _conv_bwd, x, weight, bias, context, dy, ctx.silu)
+        dx, dctx, dw, dbias = run_op(bwd, _conv_bwd, x, weight, bias, context, seq_idx, dy, ctx.silu)
         return (
             dx, dw.sum(0).to(weight.dtype),  # rounded to x's dtype, as F.conv1d's weight gradient is
             None if bias is None else dbias.sum(0).to(bias.dtype),
             None if context is None else dctx,
-            None,
+            None, None,
         )  # fmt: skip
 
 
-def _check(x, weight, bias, context):
+def _check(x, weight, bias, context, seq_idx=None):
     """Shapes, dtypes and devices, checked where the input enters; ValueError names the problem and
     the fix."""
     if x.dim() != 3:
@@ -330,6 +366,10 @@ def _check(x, weight, bias, context):
             f"x must be float32, float16 or bfloat16 (the kernels sum in float32), got {x.dtype}; "
             "use scan_backend='reference' for other dtypes"
         )
+    if seq_idx is not None and (tuple(seq_idx.shape) != (b, l) or seq_idx.dtype.is_floating_point
+                                or seq_idx.dtype == torch.bool or seq_idx.device != x.device):  # fmt: skip
+        raise ValueError(f"seq_idx must be integer document indices of shape {(b, l)} on {x.device}, got "
+                         f"{seq_idx.dtype} {tuple(seq_idx.shape)} on {seq_idx.device}")  # fmt: skip
     span = sum((n - 1) * abs(st) for n, st in zip(x.shape[1:], x.stride()[1:]))
     if span >= 2**31:
         raise ValueError(f"one sequence of x spans {span} elements: the kernels index within one in int32")
@@ -340,19 +380,20 @@ def _check(x, weight, bias, context):
         )
 
 
-def causal_conv1d(x, weight, bias=None, context=None, silu=False):
+def causal_conv1d(x, weight, bias=None, context=None, silu=False, seq_idx=None):
     """`minijamba.model.ssm.causal_conv1d` on the Triton kernels: same arguments, result and rounding.
 
-    x (b, d, l), any strides; weight (d, k); bias (d,) or None; context (b, d, k-1) or None (zeros).
-    Returns SiLU(conv) if silu else conv, contiguous (b, d, l) in x's dtype. Differentiable in x,
-    weight, bias and context.
+    x (b, d, l), any strides; weight (d, k); bias (d,) or None; context (b, d, k-1) or None (zeros);
+    seq_idx (b, l) or None (packed documents). Returns SiLU(conv) if silu else conv, contiguous
+    (b, d, l) in x's dtype. Differentiable in x, weight, bias and context.
     """
-    _check(x, weight, bias, context)
+    _check(x, weight, bias, context, seq_idx)
     b, d, l = x.shape
     if l == 0:
         return x.new_empty(b, d, 0)
     dt = x.dtype
     return CausalConv1dFn.apply(
         x, weight.to(dt).contiguous(), None if bias is None else bias.to(dt).contiguous(),
-        None if context is None else context.to(dt), bool(silu),
+        None if context is None else context.to(dt),
+        None if seq_idx is None else seq_idx.to(torch.int32).contiguous(), bool(silu),
     )  # fmt: skip

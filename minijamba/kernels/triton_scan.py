@@ -85,7 +85,7 @@ def _scan_fwd(
     launch,
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None, delta_softplus: bool, save_states: bool,
+    initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, delta_softplus: bool, save_states: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """y (b, d, l), last state (b, d, n) fp32, chunk-start states (b, chunks, d, n) fp32 or empty."""
     b, d, l = u.shape
@@ -99,9 +99,10 @@ def _scan_fwd(
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
     hsave = u.new_empty((b, triton.cdiv(l, tb), d, n) if save_states else (0,), dtype=torch.float32)
     launch(_fwd_kernel)[(d, b)](
-        u, delta, A, B, C, D, z, delta_bias, initial_state, out, last, hsave, d, l,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last, hsave, d, l,
         N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, SAVE=save_states, TB=tb, **cfg,
+        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, SAVE=save_states,
+        HAS_SEQ=seq_idx is not None, TB=tb, **cfg,
     )  # fmt: skip
     return out, last, hsave
 
@@ -110,7 +111,7 @@ def _scan_fwd(
 def _scan_bwd(
     launch,
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
     hsave: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None, delta_softplus: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """du, dΔ, dz, dA (b, d, n), dB, dC (b, n, l) fp32, dD, dbias (b, d), dh0 (b, d, n): per-batch sums."""
@@ -126,10 +127,10 @@ def _scan_bwd(
     dB, dC = torch.zeros(b, n, l, **f32), torch.zeros(b, n, l, **f32)
     dD, dbias = torch.empty(b, d, **f32), torch.empty(b, d, **f32)
     launch(_bwd_kernel)[(d, b)](
-        u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast,
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, hsave, dout, dlast,
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, d, l,
         N=n, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_DHLAST=dlast is not None, **cfg,
+        SOFTPLUS=delta_softplus, HAS_DHLAST=dlast is not None, HAS_SEQ=seq_idx is not None, **cfg,
     )  # fmt: skip
     return du, ddelta, dz, dA.sum(-1), dB, dC, dD, dbias, dh0
 
@@ -142,27 +143,27 @@ class SelectiveScanFn(torch.autograd.Function):
     returned last state are differentiable)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
         save = any(ctx.needs_input_grad)
         out, last, hsave = run_op(
             torch.ops.minijamba.triton_scan_fwd, _scan_fwd,
-            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save,
+            u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, save,
         )  # fmt: skip
         ctx.set_materialize_grads(False)
         ctx.delta_softplus = delta_softplus
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hsave)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hsave)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, hsave = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, hsave = ctx.saved_tensors
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = None if dlast is None else dlast.contiguous()
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = run_op(
             torch.ops.minijamba.triton_scan_bwd, _scan_bwd,
-            u, delta, A, B, C, D, z, delta_bias, hsave, dout, dlast, ctx.delta_softplus,
+            u, delta, A, B, C, D, z, delta_bias, seq_idx, hsave, dout, dlast, ctx.delta_softplus,
         )  # fmt: skip
         return (
             du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
@@ -170,11 +171,11 @@ class SelectiveScanFn(torch.autograd.Function):
             None if z is None else dz,
             None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
             None if ctx.initial_dtype is None else dh0.to(ctx.initial_dtype),
-            None,
+            None, None,
         )  # fmt: skip
 
 
-def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx=None):
     """Shapes and devices, checked where the input enters; ValueError names the problem and the fix."""
     if u.dim() != 3:
         raise ValueError(f"u must be (b, d, l), got shape {tuple(u.shape)}")
@@ -183,13 +184,15 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
     want = {
         "delta": (delta, (b, d, l)), "A": (A, (d, n)), "B": (B, (b, n, l)), "C": (C, (b, n, l)),
         "D": (D, (d,)), "z": (z, (b, d, l)), "delta_bias": (delta_bias, (d,)),
-        "initial_state": (initial_state, (b, d, n)),
+        "initial_state": (initial_state, (b, d, n)), "seq_idx": (seq_idx, (b, l)),
     }  # fmt: skip
     for name, (t, shape) in want.items():
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for u of shape {(b, d, l)}, got {tuple(t.shape)}")
         if t is not None and t.device != u.device:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}: move them to one device")
+    if seq_idx is not None and (seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool):
+        raise ValueError(f"seq_idx must hold integer document indices, got dtype {seq_idx.dtype}")
     if u.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the triton backend runs on CUDA tensors, got {u.device}; use scan_backend='reference' "
@@ -203,20 +206,22 @@ def _c(t):
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    return_last_state=False, initial_state=None,
+    return_last_state=False, initial_state=None, seq_idx=None,
 ):  # fmt: skip
     """`minijamba.model.ssm.selective_scan` on the Triton kernels: same arguments, shapes and result.
 
-    u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,); initial_state (b, d, n).
-    Returns y (b, d, l) in u's dtype, and the last state (b, d, n) in float32 when asked.
+    u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,); initial_state (b, d, n);
+    seq_idx (b, l) or None (packed documents). Returns y (b, d, l) in u's dtype, and the last
+    state (b, d, n) in float32 when asked.
     """
-    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     if u.shape[-1] == 0:  # nothing to scan: the state passes through
         b, d, _ = u.shape
         last = u.new_zeros(b, d, A.shape[1], dtype=torch.float32) if initial_state is None else initial_state
         return (u.new_empty(u.shape), last) if return_last_state else u.new_empty(u.shape)
     out, last = SelectiveScanFn.apply(
         u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-        _c(D), _c(z), _c(delta_bias), _c(initial_state), bool(delta_softplus),
+        _c(D), _c(z), _c(delta_bias), _c(initial_state),
+        None if seq_idx is None else seq_idx.to(torch.int32).contiguous(), bool(delta_softplus),
     )  # fmt: skip
     return (out, last) if return_last_state else out

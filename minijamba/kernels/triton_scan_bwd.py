@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from minijamba.kernels.triton_scan_fwd import LOG2E, _chunk_states, _delta, _row, _scan_combine, _state_inputs
+from minijamba.kernels.triton_scan_fwd import LOG2E, _chunk_states, _delta, _keep, _row, _scan_combine, _state_inputs
 
 # --- backward -----------------------------------------------------------------------------------
 #
@@ -25,6 +25,9 @@ from minijamba.kernels.triton_scan_fwd import LOG2E, _chunk_states, _delta, _row
 #   dΔ_t  = Σ_n w_t A + u_t Σ_n g_t B_t                    dB_t += Σ_d g_t Δ_t u_t
 #   du_t  = Δ_t Σ_n g_t B_t + D dy_t                       dD   += dy_t u_t
 #   dh_in = a_0 g_0 (the initial state's gradient)         dbias = Σ_t dΔ_t softplus'(.)
+#
+# Packed documents set a_t = 0 where one starts (a constant there): then w_t = 0 and no gradient
+# crosses from g_t to g_{t-1}, which the same formulas give with that a_t.
 #
 # g runs backwards with the same split as h: within each thread's run first (from its last step
 # to its first), then across the runs, then each step is fixed up with what flows in from the right.
@@ -69,11 +72,11 @@ def _chunk_grads(dh, a, q_in, TI: tl.constexpr, TT: tl.constexpr):
 
 @triton.jit
 def _bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hsave_ptr, dout_ptr, dhlast_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, hsave_ptr, dout_ptr, dhlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     dim, L,
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr, HAS_SEQ: tl.constexpr,
     TI: tl.constexpr, TT: tl.constexpr,
 ):  # fmt: skip
     T: tl.constexpr = TI * TT
@@ -115,6 +118,7 @@ def _bwd_kernel(
         dt = tl.where(m, _delta(raw, SOFTPLUS), 0.0)
         u = tl.load(u_ptr + row + t, mask=m, other=0.0).to(tl.float32)
         dtu = dt * u
+        keep = _keep(seq_ptr, t, m, L, pid_b, HAS_SEQ)  # 0 where a document starts
         dout = tl.load(dout_ptr + row + t, mask=m, other=0.0).to(tl.float32)  # (TI, TT)
         if HAS_Z:
             z = tl.load(z_ptr + row + t, mask=m, other=0.0).to(tl.float32)
@@ -142,7 +146,7 @@ def _bwd_kernel(
             dA_in = dA_next
             dA_next = tl.load(dAp + ((pid_d + r + 1) % N) * TT)
             # Recompute this state's h over the chunk from its saved starting value.
-            a = tl.exp2(dt * (A_nat * LOG2E))  # a_t
+            a = tl.exp2(dt * (A_nat * LOG2E)) * keep  # a_t (0 where a document starts)
             x = dtu * Bn  # x_t
             hs, _, _ = _chunk_states(a, x, h_in, TI, TT)
             y += Cn * hs

@@ -68,6 +68,18 @@ def _chunk_states(a, x, h_in, TI: tl.constexpr, TT: tl.constexpr):
 
 
 @triton.jit
+def _keep(seq_ptr, t, m, L, pid_b, HAS_SEQ: tl.constexpr):
+    """(TI, TT) float32: 0 where a packed document starts (seq_idx[t] != seq_idx[t-1]), else 1.
+    Ā_t times it is 0 there, so the state starts again from zero (minijamba.model.ssm)."""
+    keep = 1.0
+    if HAS_SEQ:  # (one return: Triton compiles every return of a function, taken or not)
+        cur = tl.load(seq_ptr + pid_b * L + t, mask=m, other=0)
+        prev = tl.load(seq_ptr + pid_b * L + t - 1, mask=m & (t > 0), other=0)
+        keep = tl.where((t > 0) & (cur != prev), 0.0, 1.0)
+    return keep
+
+
+@triton.jit
 def _state_inputs(B_ptr, C_ptr, A_ptr, carry_ptr, bc, t, m, L, pid_d, sn, n, N: tl.constexpr):
     """What both passes read for state n of a chunk: B, C (TI, TT) as float32, A (a scalar) and the
     state's carry (TT,), of which one thread's counts (the forward's h, the backward's gradient)."""
@@ -81,15 +93,16 @@ def _state_inputs(B_ptr, C_ptr, A_ptr, carry_ptr, bc, t, m, L, pid_d, sn, n, N: 
 
 @triton.jit
 def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,  # inputs
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,  # inputs
     out_ptr, hlast_ptr, hsave_ptr,  # outputs: y (b, d, l), last state (b, d, n), chunk starts
     dim, L,
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
-    TI: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr,
+    HAS_SEQ: tl.constexpr, TI: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr,
 ):  # fmt: skip
     """SAVE: also store the state entering every TB steps (the backward pass's chunks, which need
-    not be this pass's: TB a multiple of TI, and T a multiple of TB or TB of T)."""
+    not be this pass's: TB a multiple of TI, and T a multiple of TB or TB of T). HAS_SEQ: seq_idx
+    (b, l) int32 marks packed documents."""
     T: tl.constexpr = TI * TT
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -114,6 +127,7 @@ def _fwd_kernel(
         dt = tl.where(m, _delta(raw, SOFTPLUS), 0.0)  # Δ = 0 past the end: h stays as it is
         u = tl.load(u_ptr + row + t, mask=m, other=0.0).to(tl.float32)  # (TI, TT)
         dtu = dt * u
+        keep = _keep(seq_ptr, t, m, L, pid_b, HAS_SEQ)  # 0 where a document starts
         y = tl.zeros((TI, TT), dtype=tl.float32)
         # The runs that start a backward chunk, and where their entering state goes in hsave
         # (b, cdiv(L, TB), d, n).
@@ -126,7 +140,7 @@ def _fwd_kernel(
         for ns in range(0, N):  # the states, one after another (a loop: one state's addresses live at a time)
             Bn, Cn, An, h_in = nxt
             nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, tl.minimum(ns + 1, N - 1), N)
-            a = tl.exp2(dt * (An * LOG2E))  # Ā_t = exp(Δ_t A)
+            a = tl.exp2(dt * (An * LOG2E)) * keep  # Ā_t = exp(Δ_t A), 0 where a document starts
             hs, h_end, h_run = _chunk_states(a, dtu * Bn, h_in, TI, TT)
             if SAVE:  # the state entering each backward chunk, for the backward pass
                 tl.store(hsave_ptr + sv + ns, h_run, mask=saves)

@@ -14,6 +14,9 @@ No positional encoding (no RoPE, no learned positions): the paper (section 6.5) 
 without RoPE and found no difference. The Mamba layers see tokens in order, and that order is
 enough: attention layers placed after them inherit position implicitly.
 
+Packed documents (seq_idx (b, l), training only): attention is block-diagonal causal, each query
+seeing the keys at or before it in its own document, through an SDPA mask.
+
 Grouped-query attention (g < q) shrinks the KV cache by q/g; `F.scaled_dot_product_attention` with
 `enable_gqa=True` shares each key/value head across its group without copying it.
 """
@@ -46,19 +49,25 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, std=std)
         nn.init.normal_(self.o_proj.weight, std=out_std)
 
-    def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None, cache=None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """x (b, l, h) -> (b, l, h).
 
         state: the model's `InferenceState` (its `length` already counts these l tokens) and cache
         this layer's `KVCache` in it, or both None. mask: (b, l) bool, False at padding, or None
-        (with a state, the state's `valid` says where the padding is).
+        (with a state, the state's `valid` says where the padding is). seq_idx: (b, l) int, the
+        document of each position (packed rows, no state), or None.
         """
         l = x.shape[1]
         q = rearrange(self.q_proj(x), "b l (q e) -> b q l e", e=self.e)  # (b, q, l, e)
         k = rearrange(self.k_proj(x), "b l (g e) -> b g l e", e=self.e)  # (b, g, l, e)
         v = rearrange(self.v_proj(x), "b l (g e) -> b g l e", e=self.e)  # (b, g, l, e)
 
-        if state is None:  # a whole sequence: causal, and padding keys masked out when there are any
+        if seq_idx is not None:  # packed documents: causal within each
+            same = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l): query and key in one document
+            allowed = same & torch.ones(l, l, dtype=torch.bool, device=x.device).tril()  # (b, l, l)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
+        elif state is None:  # a whole sequence: causal, and padding keys masked out when there are any
             out = attend(q, k, v, start=0, valid=mask)
         else:  # continue from the KV cache: write this call's keys and values, read all of them
             k, v, allowed = cache.update(k, v, state)  # (b, g, s, e) twice; allowed: see KVCache.update

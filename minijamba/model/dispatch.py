@@ -11,9 +11,13 @@ Glossary (the project's letters, see the README's glossary):
 A backend is one function per primitive. The model's layers call the primitives and never branch
 on which backend is behind them:
 
-    selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+                   seq_idx)
     selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)     one decoding step
-    causal_conv1d(x, weight, bias, context, silu)        depthwise causal conv over time, SiLU fused
+    causal_conv1d(x, weight, bias, context, silu, seq_idx)   depthwise causal conv over time, SiLU fused
+
+(seq_idx, (b, l) or None: the document of each position when several are packed into a row; the
+state and the conv window restart where it changes.)
     to_time_last(linear, x, bias)  x (b, l, i) -> (b, o, l):  rearrange(linear(x), "b l o -> b o l")
     from_time_last(linear, x)    x (b, i, l) -> (b, l, o):  linear(rearrange(x, "b i l -> b l i"))
     experts(experts, x, weights, idx)     x (t, h), weights and idx (t, K) -> (t, h): each token's

@@ -69,13 +69,13 @@ class DecoderLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.feed_forward = SparseMoE(config) if config.is_moe_layer(index) else MLP(config)
 
-    def forward(self, x, state: InferenceState | None = None, mask=None):
+    def forward(self, x, state: InferenceState | None = None, mask=None, seq_idx=None):
         """x (b, l, h) -> (b, l, h), and the MoE's routing counts (`RouterStats`; None for a dense MLP)."""
         layer_state = None if state is None else state.layers[self.index]
         if self.kind == "attention":
-            x = x + self.self_attn(self.input_layernorm(x), state, mask, cache=layer_state)
+            x = x + self.self_attn(self.input_layernorm(x), state, mask, cache=layer_state, seq_idx=seq_idx)
         else:
-            x = x + self.mamba(self.input_layernorm(x), layer_state, mask)
+            x = x + self.mamba(self.input_layernorm(x), layer_state, mask, seq_idx)
         y, routing = self.feed_forward(self.pre_ff_layernorm(x), mask)
         return x + y, routing
 
@@ -142,16 +142,24 @@ class Jamba(nn.Module):
         state: InferenceState | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        seq_idx: torch.Tensor | None = None,
     ):
         """input_ids (b, l) -> logits (b, l, V), or (logits, loss) when targets (b, l) are given.
 
         state: an `InferenceState` to continue from and fill (prefill and decoding), or None.
         attention_mask: (b, l), 1 for real tokens and 0 for (left) padding, or None.
         logits_to_keep: compute logits for the last this-many positions only (0 = all).
+        seq_idx: (b, l) int32, the document of each position when several are packed into one row
+        (mamba-ssm's name): positions of different documents never influence each other, so each
+        document gets the logits it gets alone. Training and scoring only: no state, no mask (give
+        padding a document of its own). The targets' prediction across a boundary is the caller's
+        to exclude (-100), as `train_tiny.py --pack` does.
         """
         b, l = input_ids.shape
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if seq_idx is not None:
+            _check_seq_idx(seq_idx, input_ids, state, attention_mask)
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         if state is not None:
             if state.batch_size != b:
@@ -163,7 +171,7 @@ class Jamba(nn.Module):
         x = self.embed_tokens(input_ids)  # (b, l, h)
         routing = []  # each MoE layer's RouterStats
         for layer in self.layers:
-            x, stats = layer(x, state, mask)
+            x, stats = layer(x, state, mask, seq_idx)
             if stats is not None:
                 routing.append(stats)
         x = self.final_layernorm(x)
@@ -177,6 +185,21 @@ class Jamba(nn.Module):
         if routing and self.config.router_aux_loss_coef > 0:
             loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(routing)
         return logits, loss
+
+
+def _check_seq_idx(seq_idx, input_ids, state, attention_mask) -> None:
+    """seq_idx where it enters: (b, l) integers on input_ids' device, and only for whole rows."""
+    if tuple(seq_idx.shape) != tuple(input_ids.shape):
+        raise ValueError(f"seq_idx must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(seq_idx.shape)}")
+    if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+        raise ValueError(f"seq_idx must hold integer document indices (int32), got dtype {seq_idx.dtype}")
+    if seq_idx.device != input_ids.device:
+        raise ValueError(f"seq_idx is on {seq_idx.device} but input_ids on {input_ids.device}: move it there")
+    if state is not None or attention_mask is not None:
+        raise ValueError(
+            "seq_idx packs documents for training and scoring: it takes no inference state and no "
+            "attention_mask (decode each document on its own; give padding a document index of its own)"
+        )
 
 
 def pieces(model: Jamba) -> list[tuple[str, nn.Module]]:

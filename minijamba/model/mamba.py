@@ -36,6 +36,10 @@ sees the last k-1 inputs of the previous call and the scan starts from the saved
 new token takes the decoding step (`selective_state_update`) instead of the scan. Padding positions
 (mask False) are zeroed before the convolution and before the scan, so that they leave the conv
 window and the state exactly as if they were not there.
+
+Packed documents (seq_idx (b, l), training only): the conv window restarts at each document's
+first token and the scan's state starts again from zero there (both primitives take seq_idx), so
+each document gets exactly what it would get alone in its own row.
 """
 
 from __future__ import annotations
@@ -91,11 +95,14 @@ class MambaMixer(nn.Module):
         for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
             norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (b, l, h) -> (b, l, h).
 
         state: this layer's `MambaState` to continue from and update in place, or None to start
         from zero. mask: (b, l) bool, False at padding positions, or None when there is none.
+        seq_idx: (b, l) int, the document of each position (packed rows, no state), or None.
         """
         b, l, _ = x.shape
         ops = dispatch.get(self.config.scan_backend)
@@ -114,7 +121,7 @@ class MambaMixer(nn.Module):
             window = torch.cat([context, xs], dim=-1)  # (b, d, k)
             u = F.silu(_last_conv_output(window, w, self.conv1d.bias))  # (b, d, 1)
         else:
-            u = ops.causal_conv1d(xs, w, self.conv1d.bias, context, silu=True)  # (b, d, l)
+            u = ops.causal_conv1d(xs, w, self.conv1d.bias, context, silu=True, seq_idx=seq_idx)  # (b, d, l)
             if state is not None:  # the window's tail: cat only what the state keeps
                 m = min(l, self.k - 1)  # how many of the last k-1 inputs are new
                 window = torch.cat([context[:, :, m:], xs[:, :, l - m :]], dim=-1)  # (b, d, k-1)
@@ -142,7 +149,7 @@ class MambaMixer(nn.Module):
             y, last = ops.selective_scan(
                 u, dt, A, rearrange(B, "b l n -> b n l"),
                 rearrange(C, "b l n -> b n l"), D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                return_last_state=True, initial_state=initial,
+                return_last_state=True, initial_state=initial, seq_idx=seq_idx,
             )  # (b, d, l), (b, d, n)  # fmt: skip
             if state is not None:
                 state.ssm.copy_(last)

@@ -15,6 +15,7 @@ Glossary (the Mamba paper's symbols; mamba-ssm's argument layout):
     z   the gate, (b, d, l): the output is multiplied by SiLU(z)
     h   the state, (b, d, n), always float32
     T   time steps per chunk of the parallel scan (its (b, T, n, d) work tensors stay in cache)
+    seq_idx   (b, l) int, the document of each position when several are packed into one row
 
 For each channel and state index the scan runs the zero-order-hold discretised recurrence
 
@@ -28,6 +29,11 @@ Three entry points, all with mamba-ssm's signatures so that faster backends can 
     selective_state_update      one decoding step: advance a cached state by one token, in place
 
 State accumulates in float32 whatever the input dtype; the output has the dtype of u.
+
+Packed documents (`seq_idx`, as mamba-ssm's Mamba-2 kernels name it): where seq_idx[t] differs from
+seq_idx[t-1] a new document starts, and its state starts again from zero. That is Ā_t = 0 there,
+h_t = Δ_t B_t u_t: nothing of the document before reaches it, forwards or backwards. The initial
+state, and a conv's context, belong to the row's first document.
 """
 
 from __future__ import annotations
@@ -76,23 +82,34 @@ def _finish(y, u, D, z, dtype):
     return y.to(dtype)
 
 
+def continues(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) bool: True where position t continues the document of t-1 (always at t = 0, whose
+    document the initial state belongs to), False where a new one starts. seq_idx (b, l) int."""
+    same = seq_idx[:, 1:] == seq_idx[:, :-1]  # (b, l-1)
+    return torch.cat([torch.ones_like(seq_idx[:, :1], dtype=torch.bool), same], 1)  # (b, l)
+
+
 @_fp32_math
 def selective_scan_sequential(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    return_last_state=False, initial_state=None,
+    return_last_state=False, initial_state=None, seq_idx=None,
 ):  # fmt: skip
     """The recurrence one time step at a time: O(l) work and O(l) depth. The readable reference.
 
     Shapes: u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,);
-    initial_state (b, d, n). Returns y (b, d, l), and the last state (b, d, n) when asked.
+    initial_state (b, d, n); seq_idx (b, l) or None (one document). Returns y (b, d, l), and the
+    last state (b, d, n) when asked.
     """
     dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, l = u.shape
     h = u.new_zeros(b, d, A.shape[1]) if initial_state is None else _up(initial_state)  # (b, d, n)
+    keep = None if seq_idx is None else continues(seq_idx).to(u.dtype)  # (b, l): 0 where a document starts
     ys = []
     for t in range(l):
         dA = torch.exp(delta[:, :, t, None] * A)  # Ā_t = exp(Δ_t A)        (b, d, n)
+        if keep is not None:
+            dA = dA * keep[:, t, None, None]  # a new document forgets the state
         dBu = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]  # Δ_t B_t u_t   (b, d, n)
         h = dA * h + dBu  # (b, d, n)
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))  # y_t = C_t · h_t   (b, d)
@@ -159,13 +176,14 @@ def chunk_len(b: int, d: int, n: int, l: int, device: torch.device, itemsize: in
 @_fp32_math
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    return_last_state=False, initial_state=None,
+    return_last_state=False, initial_state=None, seq_idx=None,
 ):  # fmt: skip
     """The selective scan by a parallel prefix scan: O(l) work, O((l/T) log T) depth.
 
     Same arguments, shapes and result as `selective_scan_sequential` (and mamba-ssm's
     `selective_scan_fn`): u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,);
-    initial_state (b, d, n). Returns y (b, d, l), and the last state (b, d, n) when asked.
+    initial_state (b, d, n); seq_idx (b, l) or None. Returns y (b, d, l), and the last state
+    (b, d, n) when asked.
 
     Time is cut into chunks of T steps (`chunk_len`: the whole sequence on a GPU); each chunk's
     state is the odd/even scan of its steps, started from the last chunk's final state.
@@ -177,10 +195,13 @@ def selective_scan(
     b, d, l = u.shape
     h = u.new_zeros(b, d, A.shape[1]) if initial_state is None else initial_state.to(f)  # (b, d, n)
     T = chunk_len(b, d, A.shape[1], l, u.device, u.element_size())
+    keep = None if seq_idx is None else continues(seq_idx).to(f)  # (b, l): 0 where a document starts
     ys = []
     for s in range(0, l, T):
         ut, dt, Bt, Ct = u[..., s : s + T], delta[..., s : s + T], B[..., s : s + T], C[..., s : s + T]
         a = torch.exp(einsum(dt, A, "b d l, d n -> b l d n"))  # Ā_t = exp(Δ_t A)   (b, T, d, n)
+        if keep is not None:
+            a = a * keep[:, s : s + T, None, None]  # a new document forgets the state
         x = einsum(dt * ut, Bt, "b d l, b n l -> b l d n")  # Δ_t B_t u_t              (b, T, d, n)
         x = torch.cat([x[:, :1] + a[:, :1] * h[:, None], x[:, 1:]], 1)  # fold in the state so far
         hs = _scan(a, x)  # the states h_s .. h_{s+T-1}   (b, T, d, n)
@@ -219,16 +240,20 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 # --- the causal convolution before the scan ----------------------------------------------------
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    context: torch.Tensor | None = None, silu: bool = False,
+    context: torch.Tensor | None = None, silu: bool = False, seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Mamba's depthwise causal convolution over time, then SiLU when asked: the reference every
     scan backend's `causal_conv1d` must equal.
 
     x (b, d, l), any strides; weight (d, k): one filter per channel, weight[:, k-1] multiplying the
     current input; bias (d,) or None; context (b, d, k-1): the k-1 inputs before x (zeros when
-    None, the start of a sequence). Returns (b, d, l) in x's dtype, contiguous:
+    None, the start of a sequence); seq_idx (b, l) or None: packed documents. Returns (b, d, l) in
+    x's dtype, contiguous:
 
         y[:, c, t] = bias[c] + Σ_j weight[c, j] · cat(context, x)[:, c, t + j]      (j = 0 .. k-1)
+
+    where, with seq_idx, a tap reading a position of another document reads zero instead: the
+    window restarts at each document's first token (the context counts as the first document's).
 
     Rounded as F.conv1d rounds (also under autocast, which casts the float32 parameters): weights,
     bias and context in x's dtype, products summed in float32 or wider, one rounding at the end;
@@ -239,6 +264,24 @@ def causal_conv1d(
     if context is None:
         context = x.new_zeros(b, d, k - 1)
     window = torch.cat([context.to(x.dtype), x], dim=-1)  # (b, d, k-1+l)
+    if seq_idx is not None:
+        y = _packed_conv(window, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), seq_idx)
+        return F.silu(y) if silu else y
     w = weight.to(x.dtype)[:, None, :]  # (d, 1, k): groups=d gives each channel its own filter
     y = F.conv1d(window, w, None if bias is None else bias.to(x.dtype), groups=d)  # (b, d, l)
     return F.silu(y) if silu else y
+
+
+def _packed_conv(window, w, bias, seq_idx):
+    """The conv over packed documents: window (b, d, k-1+l) = cat(context, x), taps w (d, k), bias
+    (d,) or None, seq_idx (b, l) -> (b, d, l), rounded as F.conv1d rounds. Each output's k taps
+    (an unfold of the window) keep only the inputs of its own document."""
+    k = w.shape[-1]
+    docs = torch.cat([seq_idx[:, :1].expand(-1, k - 1), seq_idx], 1)  # (b, k-1+l): the context is the first's
+    same = docs.unfold(1, k, 1) == seq_idx[:, :, None]  # (b, l, k): tap j of output t in t's document
+    acc = torch.promote_types(window.dtype, torch.float32)
+    taps = window.to(acc).unfold(-1, k, 1) * same[:, None]  # (b, d, l, k)
+    y = einsum(taps, w.to(acc), "b d l k, d k -> b d l")  # (b, d, l)
+    if bias is not None:
+        y = y + bias.to(acc)[:, None]
+    return y.to(window.dtype)

@@ -11,6 +11,13 @@ modules (`stdlib_files`), a fixed list in name order, so the tiny model learns t
 (cut at a line break) is held out for validation, so the validation text is unseen but of the
 same kind. Documents are joined with the end-of-text token.
 
+Packing (`--pack`). The windows above are full rows with no padding, but a row that holds the end
+of one document and the start of the next lets the model carry one into the other. Packed, each
+row also gives `documents(x)`, the (b, l) document index of each position (`seq_idx`: a new
+document after each end-of-text token, which belongs to the document it ends), and the target
+after an end-of-text token, the next document's first token, is left out of the loss (IGNORE):
+nothing crosses a boundary, and no position is wasted on padding.
+
 Batches are a pure function of (seed, step): the training tokens are cut into windows of l + 1
 tokens (input and target shifted by one) at an offset drawn per epoch, the windows are shuffled
 per epoch, and step i takes windows i*b .. i*b + b - 1 of that order. No data-loader state to
@@ -154,7 +161,8 @@ class TextTask:
 
     kind = "text"
 
-    def __init__(self, tok, train_ids: torch.Tensor, val_ids: torch.Tensor, seq_len: int, seed: int):
+    def __init__(self, tok, train_ids: torch.Tensor, val_ids: torch.Tensor, seq_len: int, seed: int,
+                 pack: bool = False):  # fmt: skip
         if seq_len < 1:
             raise ValueError(f"sequence length must be >= 1, got {seq_len}")
         n = len(train_ids)
@@ -167,13 +175,16 @@ class TextTask:
             raise ValueError("the validation split is empty: give more text with --data")
         self.tokenizer, self.train_ids, self.val_ids = tok, train_ids, val_ids
         self.seq_len, self.seed = seq_len, seed
+        self.pack, self.eot = pack, tk.eot_id(tok)
+        if pack and self.eot is None:
+            raise ValueError("--pack needs the tokenizer's end-of-text token <|endoftext|> to find the documents")
         self.vocab_size = tok.get_vocab_size()
         self.token_nbytes = torch.tensor(tk.token_nbytes(tok), dtype=torch.int64)  # (V,)
         self.windows = (n - seq_len) // seq_len  # windows per epoch (room left for any offset < l)
         self._epoch, self._order, self._offset = None, None, 0
 
     @classmethod
-    def build(cls, data: str | None, vocab_size: int, seq_len: int, seed: int, tok=None) -> TextTask:
+    def build(cls, data: str | None, vocab_size: int, seq_len: int, seed: int, tok=None, pack: bool = False) -> TextTask:
         """Read the corpus, split it, train a tokenizer on the training split (unless `tok` is
         given, as on resume) and encode both splits."""
         docs = load_documents(data)
@@ -184,7 +195,7 @@ class TextTask:
             raise ValueError(f"--data {data}: too little text to hold out a validation split")
         if tok is None:
             tok = tk.train_bpe(train_texts, vocab_size)
-        return cls(tok, encode_documents(tok, train_texts), encode_documents(tok, val_texts), seq_len, seed)
+        return cls(tok, encode_documents(tok, train_texts), encode_documents(tok, val_texts), seq_len, seed, pack)
 
     def describe(self) -> str:
         return f"{len(self.train_ids):,} training and {len(self.val_ids):,} validation tokens, vocabulary {self.vocab_size}"
@@ -211,8 +222,21 @@ class TextTask:
             start = self._offset + int(order[j]) * self.seq_len
             out.append(self.train_ids[start : start + self.seq_len + 1])
         w = torch.stack(out)  # (b, l + 1)
-        return w[:, :-1], w[:, 1:]
+        return self._targets(w[:, :-1], w[:, 1:])
 
+    def _targets(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed: no target after an end-of-text token (it would cross into the next document)."""
+        if self.pack:
+            y = y.masked_fill(x == self.eot, IGNORE)
+        return x, y
+
+    def documents(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Packed: seq_idx (b, l) int32 for inputs x (b, l), a new document after each end-of-text
+        token; else None (one sequence per row, as the windows run)."""
+        if not self.pack:
+            return None
+        ends = (x == self.eot).to(torch.int32)  # (b, l)
+        return (ends.cumsum(1) - ends).to(torch.int32)  # the ends before each position
     def val_nbytes(self, batch_size: int, max_batches: int) -> int:
         """Bytes `val_batches` holds: its windows, int64 (at most the validation split's tokens)."""
         l = min(self.seq_len, len(self.val_ids) - 1)
@@ -223,7 +247,7 @@ class TextTask:
         l = min(self.seq_len, len(self.val_ids) - 1)
         count = min((len(self.val_ids) - 1) // l, batch_size * max_batches)
         w = torch.stack([self.val_ids[i * l : i * l + l + 1] for i in range(count)])  # (count, l + 1)
-        return [(w[i : i + batch_size, :-1], w[i : i + batch_size, 1:]) for i in range(0, count, batch_size)]
+        return [self._targets(w[i : i + batch_size, :-1], w[i : i + batch_size, 1:]) for i in range(0, count, batch_size)]
 
 
 # --- MQAR --------------------------------------------------------------------------------------
@@ -317,6 +341,10 @@ class MQARTask:
 
     kind = "mqar"
     token_nbytes = None  # bits per byte mean nothing here
+    pack = False  # one document per sequence
+
+    def documents(self, x: torch.Tensor) -> None:
+        return None
 
     def __init__(self, spec: MQARSpec, seed: int):
         spec.validate()

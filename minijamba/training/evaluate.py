@@ -9,14 +9,17 @@ from minijamba.training.data import IGNORE, bits_per_byte
 
 
 @torch.no_grad()
-def evaluate(model, batches, token_nbytes, device, autocast, step_begin=lambda: None) -> dict:
-    """Validation: mean nats per target token, next-token accuracy, and bits per byte (text)."""
+def evaluate(model, batches, token_nbytes, device, autocast, step_begin=lambda: None, documents=None) -> dict:
+    """Validation: mean nats per target token, next-token accuracy, and bits per byte (text).
+    documents: x -> seq_idx or None (packed rows, `TextTask.documents`)."""
     nats, count, correct, nbytes = 0.0, 0, 0, 0
     for x, y in batches:
+        seq_idx = None if documents is None else documents(x)
         x, y = x.to(device), y.to(device)
+        seq_idx = None if seq_idx is None else seq_idx.to(device)
         step_begin()
         with autocast():
-            logits = model(x)  # (b, l, V)
+            logits = model(x, seq_idx=seq_idx)  # (b, l, V)
         y = y.flatten()
         keep = y != IGNORE
         lp = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="none")

@@ -64,6 +64,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop (with a checkpoint) once this step is done
     batch_size: int | None = None  # b, global; None = DEFAULT_BATCH of the task
     seq_len: int = 128  # l (text task; MQAR's length follows from its sizes)
+    pack: bool = False  # text: rows of whole documents with nothing crossing a boundary (seq_idx)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -144,6 +145,8 @@ class TrainConfig:
             )
         if self.task == "mqar":
             self.mqar_spec().validate()
+        if self.pack and self.task != "text":
+            raise ValueError("--pack packs the documents of a text corpus; an MQAR sequence is one document already")
         self._check_overrides()
 
     def _check_overrides(self) -> None:
@@ -223,7 +226,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
 def build_task(cfg: TrainConfig, tokenizer=None):
     if cfg.task == "mqar":
         return MQARTask(cfg.mqar_spec(), cfg.seed)
-    return TextTask.build(cfg.data, cfg.vocab_size, cfg.seq_len, cfg.seed, tok=tokenizer)
+    return TextTask.build(cfg.data, cfg.vocab_size, cfg.seq_len, cfg.seed, tok=tokenizer, pack=cfg.pack)
 
 
 # --- set-up ----------------------------------------------------------------------------------

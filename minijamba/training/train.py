@@ -181,7 +181,8 @@ class Run:
     # --- validation and checkpoints -----------------------------------------------------------
     def run_eval(self) -> None:
         t = time.monotonic()
-        self.metrics = evaluate(self.net, self.val, self.task.token_nbytes, self.device, self.autocast, self.step_begin)
+        self.metrics = evaluate(self.net, self.val, self.task.token_nbytes, self.device, self.autocast, self.step_begin,
+                                self.task.documents)  # fmt: skip
         self.state["evals"].append({"step": self.state["step"], **self.metrics})
         self.eval_seconds = time.monotonic() - t
         self.say(format_eval(self.state["step"], self.metrics))
@@ -269,12 +270,15 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = self.task.batch(step, cfg.batch_size, self.rows)
+        seq_idx = self.task.documents(x)  # packed rows: each position's document (else None)
         if device.type == "cuda":  # from pinned memory the copy need not wait for the last step
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if seq_idx is not None:
+            seq_idx = seq_idx.to(device, non_blocking=True)
         self.step_begin()
         with self.autocast():
-            _, loss = self.net(x, targets=y)
+            _, loss = self.net(x, targets=y, seq_idx=seq_idx)
         loss.backward()
         grad_norm = distributed.clip_grad_norm(self.model, cfg.grad_clip)  # over all shards
         values = Readout(torch.stack([_mean_over_ranks(loss.detach(), self.world).float(), grad_norm.float()]))
