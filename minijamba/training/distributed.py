@@ -185,10 +185,10 @@ def checkpoint_layers(model: nn.Module) -> None:
             continue
         inner = layer.forward
 
-        def forward(x, state=None, mask=None, _inner=inner):
+        def forward(x, state=None, mask=None, seq_idx=None, *, _inner=inner):
             if state is None and torch.is_grad_enabled():
-                return checkpoint(_inner, x, state, mask, use_reentrant=False)
-            return _inner(x, state, mask)
+                return checkpoint(_inner, x, state, mask, seq_idx, use_reentrant=False)
+            return _inner(x, state, mask, seq_idx)
 
         layer.forward = forward
         layer._checkpointed = True
