@@ -326,3 +326,27 @@ def test_gpu_packed_bench_runs_on_the_cpu(tmp_path):
     assert set(layouts) == {"packed", "padded", "packed, no seq_idx"}
     assert layouts["packed"]["useful_fraction"] > layouts["padded"]["useful_fraction"]
     assert {r["measure"] for r in rows} >= {"scan forward", "scan forward+backward", "conv forward+backward"}
+
+
+def test_activation_checkpointing_keeps_the_documents_apart():
+    """With per-layer activation checkpointing (`--checkpoint-activations`) a packed row still gives
+    the logits and parameter gradients it gives without."""
+    from minijamba import JambaConfig, Jamba
+    from minijamba.training.distributed import checkpoint_layers
+
+    config = JambaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, attn_layer_period=2, attn_layer_offset=1,
+                         num_experts=1, num_experts_per_tok=1, mamba_d_state=2, mamba_dt_rank=1)  # fmt: skip
+    ids = torch.randint(16, (2, 9), generator=gen(0))
+    seq_idx = seq_idx_of([[3, 1, 5], [9]])
+    out = []
+    for wrap in (False, True):
+        torch.manual_seed(0)
+        model = Jamba(config).double()
+        if wrap:
+            checkpoint_layers(model)
+        logits = model(ids, seq_idx=seq_idx)
+        out.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
+    assert_close(out[1][0], out[0][0], 1e-12, "logits")
+    for a, b in zip(out[1][1], out[0][1]):
+        assert_close(a, b, 1e-12, "gradient")
