@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -406,6 +406,14 @@ def test_training_loss_equals_transformers_with_its_balancing_loss(tmp_path_fact
     labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)  # nothing predicted from padding
     targets = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1)  # ours: already shifted
     moe = any(config.moe_layers)  # (transformers' loss function fails on an empty tuple of router logits)
+    if pad:  # transformers' pure-PyTorch Mamba path lets left padding reach the first real tokens for
+        # some configs (found: one Mamba layer, d_conv 3): its padded row then differs from the same
+        # row alone, and there is no single truth to compare with; ours equals the row alone always
+        # (tests/test_model.py). Such examples are left out here.
+        with torch.no_grad():
+            padded = theirs(ids[1:], attention_mask=mask[1:], use_cache=False).logits[0, pad:]
+            alone = theirs(ids[1:, pad:], use_cache=False).logits[0]
+        assume(torch.allclose(padded, alone, rtol=0, atol=1e-5 * max(1.0, float(alone.abs().max()))))
     out = theirs(ids, attention_mask=mask, labels=labels, output_router_logits=moe, use_cache=False)
     _, loss = ours(ids, targets=targets, attention_mask=mask)
     assert_close(loss, out.loss, RTOL, f"total loss at coef {coef}, {pad} padded")
