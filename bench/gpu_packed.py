@@ -14,9 +14,10 @@ Three measurements, each its comparison measured in the same process:
 2. `scan`: the Triton scan, forward + backward and forward alone, with seq_idx against without, at
    the training shape b = 4, d = 2048, n = 16, l = 2048 in bf16 (target: within 5%); the Triton conv
    likewise.
-3. `attention`: block-diagonal causal attention for the packed rows, SDPA with a boolean mask (what
-   the model does) against FlexAttention with a document mask, and plain causal SDPA (flash,
-   documents leaking) as the floor; forward + backward.
+3. `attention`: block-diagonal causal attention for the packed rows, SDPA with a boolean mask (the
+   reference) against FlexAttention with a document mask (made once, and as the fast backends' twin
+   makes it, each call), and plain causal SDPA (flash, documents leaking) as the floor; forward +
+   backward.
 
     python bench/gpu_packed.py --out $OUT/packed.json
     python bench/gpu_packed.py --smoke --out /tmp/packed.json    # tiny sizes on the CPU: it runs
@@ -248,6 +249,13 @@ def measure_attention(args, device) -> list[dict]:
             torch.autograd.grad(o, (qt, kt, vt), gy)
 
         ways["flex_attention, document mask"] = flex_doc
+        from minijamba.kernels import flex_attention as twin
+
+        def flex_twin():  # what the fast backends run: the block mask made again each call
+            o = twin.packed_attention(qt, kt, vt, seq.clone())  # a new seq_idx: a new block mask
+            torch.autograd.grad(o, (qt, kt, vt), gy)
+
+        ways["minijamba.kernels.flex_attention (block mask each call)"] = flex_twin
     out = []
     for name, fn in ways.items():
         out.append(dict(measure="attention forward+backward", way=name, b=b, heads=q, kv_heads=g, head_dim=e, l=l,

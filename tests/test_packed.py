@@ -84,10 +84,26 @@ SCANS = {
     "parallel": ssm.selective_scan,
     "cpu": chunked_scan.selective_scan,
 }
+
+
+def _on_device(fn):
+    """fn with its tensor arguments on the GPU where there is one, and its results back on the CPU
+    (the tests build their inputs on the CPU; autograd flows through the moves)."""
+    if not GPU:
+        return fn
+
+    def moved(*args, **kwargs):
+        to = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        out = fn(*map(to, args), **{k: to(v) for k, v in kwargs.items()})
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+
+    return moved
+
+
 if TRITON:
     from minijamba.kernels import triton_conv, triton_scan
 
-    SCANS["triton"] = triton_scan.selective_scan
+    SCANS["triton"] = _on_device(triton_scan.selective_scan)
 
 
 def scan_inputs(b, d, n, l, seed, dtype):
@@ -139,7 +155,7 @@ def test_scan_with_seq_idx_equals_each_document_alone(name, data, d, n, seed):
         assert_close(a, w, rtol, f"{name} d{k}")
 
 
-CONVS = {"reference": ssm.causal_conv1d} | ({"triton": triton_conv.causal_conv1d} if TRITON else {})
+CONVS = {"reference": ssm.causal_conv1d} | ({"triton": _on_device(triton_conv.causal_conv1d)} if TRITON else {})
 
 
 @settings(max_examples=25, deadline=None)
@@ -167,8 +183,53 @@ def test_conv_with_seq_idx_equals_each_document_alone(name, data, k, d, with_con
     want = _grads((want_y,), inputs, seed)
     rtol = 1e-5 if dtype == torch.float32 else 1e-10
     assert_close(y, want_y, rtol, f"{name} conv")
+    # dweight and dbias are sums over the row whose terms may cancel: float32 rounds each of them
+    grad_rtol = 1e-4 if dtype == torch.float32 else rtol
     for what, a, e in zip(("x", "weight", "bias", "context"), got, want):
-        assert_close(a, e, rtol, f"{name} d{what}")
+        assert_close(a, e, grad_rtol, f"{name} d{what}")
+
+
+def _qkv(b, q, g, l, e, seed, dtype, device="cpu"):
+    gen_ = gen(seed)
+    return [torch.randn(b, h, l, e, generator=gen_, dtype=torch.float64).to(device, dtype) for h in (q, g, g)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data(), st.sampled_from([(1, 1), (2, 1), (4, 2)]), st.integers(1, 8), st.sampled_from([torch.float32, torch.float64]), seeds)
+def test_packed_attention_is_each_document_alone_and_flex_equals_it(data, heads, e, dtype, seed):
+    """The reference's block-diagonal causal attention equals causal attention over each document
+    alone, and its fast twin (FlexAttention, minijamba.kernels.flex_attention) equals it; on the CPU
+    the twin runs FlexAttention's forward (its backward is GPU-only, test below)."""
+    from minijamba.kernels import flex_attention
+    from minijamba.model import attention
+
+    rows = equal_rows(data.draw, data.draw(st.integers(1, 2)))
+    (q, g), b, l = heads, len(rows), sum(rows[0])
+    qt, kt, vt = _qkv(b, q, g, l, e, seed, dtype)
+    seq = seq_idx_of(rows)
+    ref = attention.packed_attention(qt, kt, vt, seq)  # (b, q, l, e)
+    alone = torch.cat([torch.cat([attention.attend(qt[i:i + 1, :, s:t], kt[i:i + 1, :, s:t], vt[i:i + 1, :, s:t], 0, None)
+                                  for s, t in spans(row)], 2) for i, row in enumerate(rows)])  # fmt: skip
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert_close(ref, alone, rtol, "reference packed attention")
+    with torch.no_grad():
+        assert_close(flex_attention.packed_attention(qt, kt, vt, seq), ref, rtol, "flex packed attention")
+
+
+@pytest.mark.skipif(not GPU, reason="FlexAttention's backward runs on CUDA only (the forward is held on the CPU above)")
+def test_flex_packed_attention_gradients_equal_the_reference_on_the_gpu():
+    from minijamba.kernels import flex_attention
+    from minijamba.model import attention
+
+    rows = [[700, 1, 300, 23], [1024]]
+    seq = seq_idx_of(rows).cuda()
+    qkv = [t.requires_grad_() for t in _qkv(2, 8, 2, 1024, 64, 0, torch.float32, "cuda")]
+    gy = torch.randn(2, 8, 1024, 64, device="cuda")
+    got = flex_attention.packed_attention(*qkv, seq)
+    want = attention.packed_attention(*qkv, seq)
+    assert_close(got, want, 2e-3, "flex forward")
+    for a, w in zip(torch.autograd.grad(got, qkv, gy), torch.autograd.grad(want, qkv, gy)):
+        assert_close(a, w, 2e-3, "flex gradient")
 
 
 # --- the whole model ----------------------------------------------------------------------------------
@@ -184,13 +245,14 @@ def test_packed_rows_give_each_document_its_logits_and_gradients_alone(backend, 
         return
     dtype = torch.float32 if backend == "triton" else torch.float64
     config = dataclasses.replace(config, scan_backend=backend)
-    model = make_model(config, seed, dtype)
+    device = "cuda" if GPU and backend == "triton" else "cpu"  # on a GPU, its kernels (and FlexAttention)
+    model = make_model(config, seed, dtype).to(device)
     rows = equal_rows(data.draw, data.draw(st.integers(1, 2)))
     b, l = len(rows), sum(rows[0])
-    ids = torch.randint(config.vocab_size, (b, l), generator=gen(seed))
-    R = torch.randn(b, l, config.vocab_size, generator=gen(seed + 1), dtype=dtype)  # the linear function
+    ids = torch.randint(config.vocab_size, (b, l), generator=gen(seed)).to(device)
+    R = torch.randn(b, l, config.vocab_size, generator=gen(seed + 1), dtype=dtype).to(device)  # the linear function
 
-    logits = model(ids, seq_idx=seq_idx_of(rows))
+    logits = model(ids, seq_idx=seq_idx_of(rows).to(device))
     packed = torch.autograd.grad((logits * R).sum(), list(model.parameters()), allow_unused=True)
     want_logits = torch.zeros_like(logits)
     alone = [torch.zeros_like(p) for p in model.parameters()]

@@ -10,11 +10,12 @@ their backend is asked for (or when `available()` is asked what this machine can
                 `--fast` picks on a machine without a GPU
     triton      our Triton kernels: the scan (triton_scan.py, its kernels in triton_scan_fwd.py and
                 triton_scan_bwd.py), its decoding step (triton_step.py), the conv (triton_conv.py);
-                the projections written and read time-last (time_last.py) and the experts by grouped matmuls (moe_dispatch.py). CUDA GPUs (or,
+                the projections written and read time-last (time_last.py), the experts by grouped matmuls
+                (moe_dispatch.py), packed attention by FlexAttention (flex_attention.py). CUDA GPUs (or,
                 slowly, Triton's CPU interpreter with TRITON_INTERPRET=1, which the tests use);
                 torch.compile sees through them (custom_ops.py)
     mamba_ssm   mamba-ssm's CUDA scan and Triton decoding step (mamba_ssm.py), causal-conv1d's conv
-                where it is installed (else ours), the same projections and experts as triton
+                where it is installed (else ours), the same projections, experts and attention as triton
 
 A batched decoding step (one token per row) reads each weight once whatever the backend: the
 time-last projections are a training and prefill layout; for one token the reference's plain
@@ -58,22 +59,24 @@ def _checked(name: str) -> None:
 
 def _triton() -> Backend:
     _checked("triton")
-    from minijamba.kernels import moe_dispatch, time_last, triton_conv, triton_scan, triton_step
+    from minijamba.kernels import flex_attention, moe_dispatch, time_last, triton_conv, triton_scan, triton_step
 
     return Backend(
         "triton", triton_scan.selective_scan, triton_step.selective_state_update, triton_conv.causal_conv1d,
         time_last.to_time_last, time_last.from_time_last, moe_dispatch.experts_grouped,
+        flex_attention.packed_attention,
     )  # fmt: skip
 
 
 def _mamba_ssm() -> Backend:
     _checked("mamba_ssm")
-    from minijamba.kernels import mamba_ssm, moe_dispatch, time_last
+    from minijamba.kernels import flex_attention, mamba_ssm, moe_dispatch, time_last
 
     mamba_ssm.load()  # import the compiled kernels now, so that a missing piece fails here
     return Backend(
         "mamba_ssm", mamba_ssm.selective_scan, mamba_ssm.selective_state_update, mamba_ssm.causal_conv1d,
         time_last.to_time_last, time_last.from_time_last, moe_dispatch.experts_grouped,
+        flex_attention.packed_attention,
     )  # fmt: skip
 
 

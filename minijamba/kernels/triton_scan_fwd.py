@@ -102,7 +102,8 @@ def _fwd_kernel(
 ):  # fmt: skip
     """SAVE: also store the state entering every TB steps (the backward pass's chunks, which need
     not be this pass's: TB a multiple of TI, and T a multiple of TB or TB of T). HAS_SEQ: seq_idx
-    (b, l) int32 marks packed documents."""
+    (b, l) int32 marks packed documents; then A must be <= 0, as Mamba's -exp(A_log) always is (a
+    growing state, A > 0, would restart at inf)."""
     T: tl.constexpr = TI * TT
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -127,7 +128,11 @@ def _fwd_kernel(
         dt = tl.where(m, _delta(raw, SOFTPLUS), 0.0)  # Δ = 0 past the end: h stays as it is
         u = tl.load(u_ptr + row + t, mask=m, other=0.0).to(tl.float32)  # (TI, TT)
         dtu = dt * u
-        keep = _keep(seq_ptr, t, m, L, pid_b, HAS_SEQ)  # 0 where a document starts
+        # Δ log2(e), the exponent's factor of each state's A. Where a document starts it is +inf,
+        # so that Ā = exp2(+inf · A) = 0 there (A < 0, see below): the reset costs nothing a state.
+        dtl = dt * LOG2E  # (TI, TT)
+        if HAS_SEQ:
+            dtl = tl.where(_keep(seq_ptr, t, m, L, pid_b, HAS_SEQ) > 0.0, dtl, float("inf"))
         y = tl.zeros((TI, TT), dtype=tl.float32)
         # The runs that start a backward chunk, and where their entering state goes in hsave
         # (b, cdiv(L, TB), d, n).
@@ -140,7 +145,9 @@ def _fwd_kernel(
         for ns in range(0, N):  # the states, one after another (a loop: one state's addresses live at a time)
             Bn, Cn, An, h_in = nxt
             nxt = _state_inputs(B_ptr, C_ptr, A_ptr, hlast_ptr, bc, t, m, L, pid_d, sn, tl.minimum(ns + 1, N - 1), N)
-            a = tl.exp2(dt * (An * LOG2E)) * keep  # Ā_t = exp(Δ_t A), 0 where a document starts
+            if HAS_SEQ:  # A = 0 would make inf · 0 = NaN; -1e-30 gives the same Ā = 1 elsewhere
+                An = tl.minimum(An, -1e-30)
+            a = tl.exp2(dtl * An)  # Ā_t = exp(Δ_t A), 0 where a document starts
             hs, h_end, h_run = _chunk_states(a, dtu * Bn, h_in, TI, TT)
             if SAVE:  # the state entering each backward chunk, for the backward pass
                 tl.store(hsave_ptr + sv + ns, h_run, mask=saves)

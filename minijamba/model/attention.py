@@ -15,7 +15,9 @@ without RoPE and found no difference. The Mamba layers see tokens in order, and 
 enough: attention layers placed after them inherit position implicitly.
 
 Packed documents (seq_idx (b, l), training only): attention is block-diagonal causal, each query
-seeing the keys at or before it in its own document, through an SDPA mask.
+seeing the keys at or before it in its own document. The reference builds the (b, l, l) mask for
+SDPA (`packed_attention`); its fast twin, FlexAttention with a document mask, is a primitive of the
+dispatch point (minijamba.kernels.flex_attention).
 
 Grouped-query attention (g < q) shrinks the KV cache by q/g; `F.scaled_dot_product_attention` with
 `enable_gqa=True` shares each key/value head across its group without copying it.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minijamba.model import dispatch
 from minijamba.model.config import JambaConfig
 
 
@@ -36,6 +39,7 @@ class Attention(nn.Module):
 
     def __init__(self, config: JambaConfig):
         super().__init__()
+        self.config = config  # config.scan_backend names the primitives' backend (minijamba.model.dispatch)
         h, q, g, e = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.q, self.g, self.e = q, g, e
         self.q_proj = nn.Linear(h, q * e, bias=False)
@@ -63,10 +67,8 @@ class Attention(nn.Module):
         k = rearrange(self.k_proj(x), "b l (g e) -> b g l e", e=self.e)  # (b, g, l, e)
         v = rearrange(self.v_proj(x), "b l (g e) -> b g l e", e=self.e)  # (b, g, l, e)
 
-        if seq_idx is not None:  # packed documents: causal within each
-            same = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l): query and key in one document
-            allowed = same & torch.ones(l, l, dtype=torch.bool, device=x.device).tril()  # (b, l, l)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
+        if seq_idx is not None:  # packed documents: causal within each (through the dispatch point)
+            out = dispatch.get(self.config.scan_backend).packed_attention(q, k, v, seq_idx)
         elif state is None:  # a whole sequence: causal, and padding keys masked out when there are any
             out = attend(q, k, v, start=0, valid=mask)
         else:  # continue from the KV cache: write this call's keys and values, read all of them
@@ -77,6 +79,16 @@ class Attention(nn.Module):
             else:  # the cache says which keys each query sees
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
         return self.o_proj(rearrange(out, "b q l e -> b l (q e)"))  # (b, l, h)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each packed document: q (b, q, l, e); k, v (b, g, l, e); seq_idx (b, l)
+    int, the document of each position -> (b, q, l, e). A query sees the keys at or before it that
+    carry its own seq_idx, and nothing of the documents before."""
+    l = q.shape[2]
+    same = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l): query and key in one document
+    allowed = same & torch.ones(l, l, dtype=torch.bool, device=q.device).tril()  # (b, l, l)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, valid: torch.Tensor | None) -> torch.Tensor:

@@ -22,9 +22,11 @@ state and the conv window restart where it changes.)
     from_time_last(linear, x)    x (b, i, l) -> (b, l, o):  linear(rearrange(x, "b i l -> b l i"))
     experts(experts, x, weights, idx)     x (t, h), weights and idx (t, K) -> (t, h): each token's
                                  K experts, weighted by the router and summed
+    packed_attention(q, k, v, seq_idx)    q (b, q, l, e), k and v (b, g, l, e) -> (b, q, l, e):
+                                 causal attention within each packed document (attention.py)
 
 The `reference` backend is the plain code in this package (`ssm.py`; `mamba.to_time_last` and
-`from_time_last`; `moe.experts_loop`; gathered in `reference.py`), the one to read. Faster twins live on the fast side (`minijamba.kernels`), which registers
+`from_time_last`; `moe.experts_loop`; `attention.packed_attention`; gathered in `reference.py`), the one to read. Faster twins live on the fast side (`minijamba.kernels`), which registers
 them here under their own names ("triton", "mamba_ssm"); a backend that leaves a primitive out gets
 the reference's. Each twin is held equal to its reference by a test, values and gradients.
 
@@ -53,6 +55,7 @@ class Backend:
     to_time_last: Callable | None = None  # None: the reference's
     from_time_last: Callable | None = None
     experts: Callable | None = None
+    packed_attention: Callable | None = None
 
 
 # name -> a function that imports the backend and returns it, or raises ValueError saying why it
