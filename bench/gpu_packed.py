@@ -149,6 +149,15 @@ def measure_train(args, device) -> list[dict]:
             useful_tokens_per_s=useful / seconds, step_ms=1e3 * seconds / len(batches),
         ))  # fmt: skip
         print("RESULT " + json.dumps(rows[-1]), flush=True)
+        if args.profile and name != "padded":  # where the time of a step goes, by kernel
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for batch in batches[:5]:
+                    step(batch)
+                sync(device)
+            table = prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=25)
+            print(f"PROFILE {name} (5 steps)\n{table}", flush=True)
     return rows
 
 
@@ -271,6 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="rows per step (train)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per layout (train)")
     p.add_argument("--tokens", type=int, default=2_000_000, help="corpus size in tokens (train)")
+    p.add_argument("--profile", action="store_true", help="train: also print the kernels of 5 steps, packed with and without seq_idx")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the script runs, numbers mean nothing")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
