@@ -234,7 +234,8 @@ def _finish_parameter(model: Jamba, name: str, tensor: torch.Tensor, quantize) -
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
 
 
-def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None) -> Jamba:
+def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
+            adapter=None) -> Jamba:  # fmt: skip
     """Load a transformers Jamba checkpoint folder (config.json + safetensors) as a `Jamba`.
 
     path: the folder; weights in `model.safetensors`, or sharded with `model.safetensors.index.json`;
@@ -244,6 +245,9 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
         dt_proj.bias are float32 whatever this is.
     quantize: None, or 'int8' for int8 weight-only experts (minijamba.inference.quant), quantized as they load;
         everything else (Mamba layers included) stays in `dtype`.
+
+    adapter: a LoRA adapter folder in PEFT's format (minijamba.hf_adapter), applied unmerged (the
+        base frozen; `minijamba.model.lora.merge_lora_` folds it in), or None.
 
     With `tie_word_embeddings` the LM head is the embedding, and an `lm_head.weight` in the files
     is ignored, as transformers does.
@@ -267,6 +271,10 @@ def load_hf(path, device="cpu", dtype: torch.dtype | None = None, quantize: str 
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.check_finite(folder)  # NaN or inf weights: refused as they load, like a corrupt file
+    if adapter is not None:
+        from minijamba.hf_adapter import load_adapter
+
+        load_adapter(model, adapter)
     return model.eval()
 
 

@@ -96,7 +96,8 @@ class Int8Experts(nn.Module):
 
     Same layout and names as `Experts`: gate_up_proj (E, 2f, h) = [gate; up] and down_proj (E, h, f),
     here int8 (parameters that never require a gradient, so parameter counts stay the same), with
-    gate_up_scale (E, 2f) and down_scale (E, h) beside them. Inference only.
+    gate_up_scale (E, 2f) and down_scale (E, h) beside them. Frozen: the forward is differentiable
+    in its input (a LoRA fine-tune trains the layers around it), never in its weights.
     """
 
     def __init__(self, config: JambaConfig, device=None):
@@ -236,12 +237,49 @@ def int8_kernel(x: torch.Tensor, experts: int = 1) -> str:
 
 def grouped_int8_linear(x, q, scale, ends) -> torch.Tensor:
     """The one dispatch point for the experts' int8 matmul (see `int8_kernel`); both twins have
-    this signature and the tests hold them equal."""
+    this signature and the tests hold them equal. Differentiable in x (LoRA fine-tuning trains
+    through frozen int8 experts): see `_GroupedInt8Linear`."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GroupedInt8Linear.apply(x, q, scale, ends)
+    return _grouped_int8_forward(x, q, scale, ends)
+
+
+def _grouped_int8_forward(x, q, scale, ends) -> torch.Tensor:
     if int8_kernel(x, q.shape[0]) == "triton":
         from minijamba.kernels.int8_matmul import grouped_int8_linear as fast  # lazily: optional package
 
         return fast(x, q, scale, ends)
     return grouped_int8_linear_reference(x, q, scale, ends)
+
+
+def grouped_int8_linear_input_grad(dy, q, scale, ends) -> torch.Tensor:
+    """The gradient of `grouped_int8_linear` with respect to x: dy (t*K, o) -> (t*K, i), rows of
+    expert j times scale[j] * q[j] (since y = (x q[j]ᵀ) * scale[j]). Each expert that has rows is
+    cast to dy's dtype (in memory, one at a time: the dequantized weights) for one matmul."""
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # rows per expert (a host sync)
+    out = [
+        (gi * scale[e].to(gi.dtype)) @ q[e].to(gi.dtype)  # (t_j, o) @ (o, i)
+        for e, gi in enumerate(dy.split(sizes))
+        if len(gi)
+    ]
+    return torch.cat(out) if out else dy.new_zeros(0, q.shape[2])
+
+
+class _GroupedInt8Linear(torch.autograd.Function):
+    """`grouped_int8_linear` with a backward for x only. The int8 weights are frozen (no weight
+    gradient is taken), and nothing but references to them is saved: a plain autograd graph of the
+    reference would keep every expert's 16-bit cast for the backward, twice the int8 bytes."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, ends):
+        ctx.save_for_backward(q, scale, ends)
+        ctx.x_dtype = x.dtype
+        return _grouped_int8_forward(x, q, scale, ends)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, scale, ends = ctx.saved_tensors
+        return grouped_int8_linear_input_grad(dy, q, scale, ends).to(ctx.x_dtype), None, None, None
 
 
 @torch.no_grad()
