@@ -9,6 +9,7 @@
     python train_tiny.py --pack --out-dir out/packed              # documents packed, none crossing into the next
     python train_tiny.py --fast --cuda-graphs --weights bf16      # a GPU's fastest: see README.md
     torchrun --nproc-per-node 2 train_tiny.py --out-dir out/two   # 2 GPUs (or CPU processes): FSDP2
+    python train_tiny.py --hf DIR --lora-rank 8 --data notes/ --out-dir out/lora   # LoRA on a released Jamba
 
 The training loop itself is minijamba/training/train.py; this script only turns flags into a TrainConfig.
 """
@@ -161,6 +162,26 @@ def build_parser() -> Parser:
     g.add_argument(
         "--eval-batches", type=int, metavar="N", help=f"validation batches (default {d.eval_batches})"
     )
+    g = p.add_argument_group(
+        "fine-tuning a released model (LoRA)",
+        "with --hf: train LoRA adapters on a transformers Jamba folder, the base frozen (experts in int8 with "
+        "--int8-experts), on --data packed into rows of --seq-len with the folder's own tokenizer; writes "
+        "OUT_DIR/adapter in PEFT's format (the base folder is never written). Also applies: --data, --seq-len, "
+        "--batch-size, --max-steps, --lr, --warmup-steps, --eval-interval, --eval-batches, --seed, --device, "
+        "--checkpoint-activations, --fast, --out-dir",
+    )
+    g.add_argument("--hf", metavar="DIR", help="the base: a transformers Jamba checkpoint folder (config.json, safetensors, tokenizer.json)")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="the adapters' rank r")
+    g.add_argument("--lora-alpha", type=float, metavar="A", help="the update is scaled by A / r (default 2r)")
+    g.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input (default 0)")
+    g.add_argument(
+        "--lora-targets",
+        metavar="NAMES",
+        help="comma-separated Linears to adapt (default AI21's recipe: in_proj,x_proj,out_proj,q_proj,k_proj,"
+        "v_proj,o_proj,gate_proj,up_proj,down_proj), or all-linear",
+    )
+    g.add_argument("--int8-experts", action="store_true", default=None, help="hold the frozen experts in int8 (all 52B of Jamba-v0.1 on one 80GB GPU)")
+    g.add_argument("--merge", action="store_true", default=None, help="also write OUT_DIR/merged: the base with the adapters folded in (not with --int8-experts)")
     g = p.add_argument_group("machine and output")
     g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {d.device}: cuda if available)")
     g.add_argument(
@@ -242,8 +263,43 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     return cfg, sorted(given)
 
 
+LORA_FLAGS = ("hf", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "int8_experts", "merge")
+# The flags a LoRA run (--hf) reads besides its own; --pack is what it does anyway.
+FINETUNE_FLAGS = ("data", "seq_len", "batch_size", "max_steps", "lr", "warmup_steps", "eval_interval",
+                  "eval_batches", "seed", "device", "checkpoint_activations", "fast", "out_dir", "pack")  # fmt: skip
+
+
+def finetune_config_from_args(args: argparse.Namespace):
+    """The FinetuneConfig of a --hf run; ValueError for a flag that does not apply to one."""
+    from minijamba.training.finetune import FinetuneConfig
+
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    other = sorted(k for k in given if k not in LORA_FLAGS + FINETUNE_FLAGS)
+    if other:
+        flags = ", ".join("--" + k.replace("_", "-") for k in other)
+        verb = "do" if len(other) > 1 else "does"
+        raise ValueError(f"{flags} {verb} not apply to a LoRA run (--hf): it keeps the base model, its tokenizer and packs --data")
+    for need in ("lora_rank", "data", "out_dir"):
+        if need not in given:
+            raise ValueError(f"--hf fine-tunes LoRA adapters and needs --{need.replace('_', '-')}")
+    given.pop("pack", None)
+    if "lora_targets" in given:
+        t = given["lora_targets"]
+        given["lora_targets"] = t if t == "all-linear" else [x.strip() for x in t.split(",") if x.strip()]
+    cfg = FinetuneConfig(**given)
+    cfg.validate()
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.hf is not None:
+        return finetune_main(args)
+    lora = [f for f in LORA_FLAGS if getattr(args, f) is not None]
+    if lora:
+        print(f"train_tiny.py: error: --{lora[0].replace('_', '-')} needs --hf DIR (LoRA fine-tunes a transformers folder)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     from minijamba.training import distributed
     from minijamba.training.checkpoint import CheckpointError
     from minijamba.training.train import RUNTIME_FIELDS, NonFiniteLoss, train
@@ -276,6 +332,24 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         _summary(result)
     return 130 if result.status == "interrupted" else 0
+
+
+def finetune_main(args) -> int:
+    from minijamba.training.finetune import finetune
+
+    try:
+        r = finetune(finetune_config_from_args(args))
+    except (ValueError, OSError) as e:
+        print(f"train_tiny.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("train_tiny.py: error: interrupted; the adapter written last is kept", file=sys.stderr)
+        return 130
+    peak = f"; peak memory {r['peak_memory_bytes'] / 2**20:,.0f} MiB" if r["peak_memory_bytes"] else ""
+    print(f"{r['status']} at step {r['steps']}; validation loss {r['val_loss']:.4f} nats/token; "
+          f"{r['tokens_per_s']:,.0f} training tokens/s{peak}")  # fmt: skip
+    print(f"adapter: {r['adapter']}" + (f"; merged checkpoint: {r['merged']}" if "merged" in r else ""))
+    return 130 if r["status"] == "interrupted" else 0
 
 
 def _summary(r) -> None:

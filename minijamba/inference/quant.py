@@ -74,9 +74,10 @@ def check_quantize(quantize) -> None:
 
 
 def _sizes(experts) -> SimpleNamespace:
-    """The three config fields `Experts` and `Int8Experts` read, from an existing experts module."""
+    """The config fields `Experts` and `Int8Experts` read, from an existing experts module (the
+    backend: the default)."""
     E, two_f, h = experts.gate_up_proj.shape
-    return SimpleNamespace(num_experts=E, hidden_size=h, intermediate_size=two_f // 2)
+    return SimpleNamespace(num_experts=E, hidden_size=h, intermediate_size=two_f // 2, scan_backend=None)
 
 
 @torch.no_grad()

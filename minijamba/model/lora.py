@@ -90,8 +90,9 @@ class LoRALinear(nn.Linear):
     def merged(self) -> nn.Linear:
         """A plain Linear whose weight is W + s · B A (in W's dtype), sharing the bias."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        update = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (o, i)
-        out.weight = nn.Parameter((self.weight.float() + update).to(self.weight.dtype), requires_grad=False)
+        acc = torch.promote_types(self.weight.dtype, torch.float32)  # float32 at least; float64 stays
+        update = (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc)) * self.scaling  # (o, i)
+        out.weight = nn.Parameter((self.weight.to(acc) + update).to(self.weight.dtype), requires_grad=False)
         out.bias = self.bias
         return out
 
