@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
-    device = torch.device("cpu" if args.smoke else "cuda")
+    device = torch.device("cpu" if args.smoke else "cuda:0")
     rows = []
 
     def record(row):

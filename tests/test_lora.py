@@ -101,6 +101,36 @@ def test_int8_experts_backward_gives_the_input_gradient_of_the_dequantized_exper
     assert all(not p.requires_grad and p.grad is None for p in int8.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_the_gpu_int8_experts_train_through_the_triton_kernel_and_lora_on_the_fast_backend():
+    from minijamba import Jamba
+    from minijamba.inference.quant import int8_kernel, quantize_model_
+
+    config = JambaConfig(**{**CONFIG, "num_experts": 4, "hidden_size": 32, "intermediate_size": 16})
+    torch.manual_seed(0)
+    int8 = Int8Experts(config, device="cuda")
+    int8.reset_parameters(std=0.2, out_std=0.2)
+    x = torch.randn(24, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert int8_kernel(x, 4) == "triton"
+    weights, idx = torch.rand(24, 2, device="cuda"), torch.stack([torch.randperm(4)[:2] for _ in range(24)]).cuda()
+    gx = torch.autograd.grad(int8(x, weights.bfloat16(), idx).float().square().sum(), x)[0]
+    x2 = x.detach().float().requires_grad_()
+    gx2 = torch.autograd.grad(int8.dequantize()(x2, weights, idx).square().sum(), x2)[0]
+    assert_close(gx.float(), gx2, 3e-2, "input gradient through the Triton int8 kernel")
+
+    ids = torch.randint(0, 32, (2, 33), device="cuda")
+    grads = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = quantize_model_(Jamba(JambaConfig(vocab_size=32, **CONFIG, scan_backend=backend)).cuda())
+        add_lora(model, 2, 4.0, targets=TARGETS)
+        _perturb_adapters(model)
+        model(ids, targets=ids)[1].backward()
+        grads[backend] = [p.grad for p in lora_parameters(model)]
+    for a, b in zip(grads["triton"], grads["reference"]):
+        assert_close(a, b, 1e-3, "LoRA gradients, triton against reference")
+
+
 def test_lora_with_activation_checkpointing_gives_the_same_gradients():
     config = JambaConfig(vocab_size=32, **CONFIG)
     ids = torch.randint(0, 32, (2, 9))
