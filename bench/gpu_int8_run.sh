@@ -5,6 +5,10 @@
 #         the same process order for the current CONFIG and for the given tiles: prefill of one block
 #         (bf16 / int8 fused / int8 cast + cuBLAS) and decoding at batch 1 and 64; then the compiled step
 #         at batch 1 with the given tiles, and the graph breaks that remain.
+#     bash bench/gpu_int8_run.sh rows
+#         the multiply-and-sum kernel for a handful of rows: GPU tests, its tile swept against the tl.dot
+#         kernel's "gemv" tile, then the decoding step at batch 1 and 2 (graph replay and compiled) and the
+#         compiled step's profile, each with ROWS_MAX = -1 (the commit before) and as in the code, in one process.
 set -u
 mkdir -p "${OUT:-out/bench}"
 OUT=$(cd "${OUT:-out/bench}" && pwd)
@@ -16,6 +20,21 @@ sweep)
   timeout 400 python bench/gpu_int8_sweep.py --tokens 8192 --decode-tokens 1 64 --out "$OUT/int8_sweep.json" \
     > "$OUT/int8_sweep.log" 2>&1; echo "sweep rc=$?"
   grep RESULT "$OUT/int8_sweep.log" ;;
+rows)
+  timeout 150 python -m pytest -q -x tests/test_quant_triton.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"
+  tail -2 "$OUT/tests.log"
+  timeout 180 python bench/gpu_int8_sweep.py --tokens --rows-tokens 1 2 --out "$OUT/rows_sweep.json" \
+    > "$OUT/rows_sweep.log" 2>&1; echo "sweep rc=$?"
+  grep RESULT "$OUT/rows_sweep.log"
+  grep -h '"kernel": "\(int8 triton dot\|bf16\)' "$OUT/rows_sweep.log" | cut -c1-160
+  # the tile whose gate/up + down time at batch 1 is least
+  best=$(grep -h '^BEST rows=' "$OUT/rows_sweep.log" | cut -d' ' -f2)
+  echo "best rows tile: ${best:-none: the tile in the code}"
+  ROWS_CONFIG=${best:+--int8-config $best}
+  timeout ${STEP_TIMEOUT:-330} python bench/gpu_serving.py --parts batch compile profile --layouts hybrid --batches 1 2 \
+    --compile-batches 1 --profile-batches 1 --profile-compile --rows-ab --steps 30 $ROWS_CONFIG \
+    --out "$OUT/rows_step.json" > "$OUT/rows_step.log" 2>&1; echo "step rc=$?"
+  grep RESULT "$OUT/rows_step.log" | cut -c1-330 ;;
 serve)
   common=(--parts prefill batch --layouts hybrid --batches 1 64 --prefill-modes bf16 int8-triton int8-reference
           --prefill-lens 2048 8192 32768 --steps 20)

@@ -10,11 +10,13 @@ token a row), where the figure of merit is the weight bandwidth (GB/s of the exp
 touch). Medians of triton.testing.do_bench.
 
     python bench/gpu_int8_sweep.py --tokens 8192 --decode-tokens 1 64 --out $OUT/int8_sweep.json
+    python bench/gpu_int8_sweep.py --tokens --rows-tokens 1 2 --out $OUT/rows_sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import sys
@@ -33,6 +35,8 @@ LARGE = [dict(tile=(bt, bo, bi, 8, stages, left)) for bt, bo, bi, stages, left i
          itertools.product([64, 128], [128, 256], [64, 128], [3, 4], [False, True])]  # fmt: skip
 SMALL = [dict(tile=(16, bo, bi, 4, stages, left)) for bo, bi, stages, left in
          itertools.product([32, 64, 128], [128, 256], [3, 4], [False, True])]  # fmt: skip
+ROWS = [dict(tile=(1, bo, bi, warps, stages, False)) for bo, bi, warps, stages in
+        itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [2, 3]) if bo * bi <= 16384]  # fmt: skip
 
 
 def sweep(key: str, candidates: list[dict], x, q, scale, ends, info: dict, rows_out: list) -> dict:
@@ -63,12 +67,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="*", default=[8192], help="prefill token counts")
     p.add_argument("--decode-tokens", type=int, nargs="*", default=[], help="decoding batch sizes")
+    p.add_argument("--rows-tokens", type=int, nargs="*", default=[],
+                   help="decoding batch sizes for the multiply-and-sum kernel (the 'rows' tile): swept at the "
+                        "first, the current tile timed at the others; each against the tl.dot kernel's 'gemv' tile")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     E, K, h, f = 16, 2, 4096, 14336
     rows_out = []
     large = "large_sm90" if torch.cuda.get_device_capability()[0] >= 9 else "large"
-    runs = [(t, "small") for t in args.decode_tokens] + [(t, large) for t in args.tokens]
+    runs = [(t, "rows") for t in args.rows_tokens] + [(t, "small") for t in args.decode_tokens] + [(t, large) for t in args.tokens]
     for (tokens, key), (o, i) in itertools.product(runs, [(2 * f, h), (h, f)]):
         rows = tokens * K
         q, scale = quantize_rows(torch.randn(E, o, i, device="cuda", dtype=torch.bfloat16))
@@ -85,9 +92,31 @@ def main(argv=None) -> None:
         for name, ms in base.items():
             rows_out.append(dict(tokens=tokens, o=o, i=i, kernel=name, ms=ms, **{m: v / ms for m, v in per_ms.items()}))
             print(json.dumps(rows_out[-1]), flush=True)
-        sweep(key, SMALL if key == "small" else LARGE, x, q, scale, ends, info, rows_out)
+        if key == "rows":
+            saved_max, int8_matmul.ROWS_MAX = int8_matmul.ROWS_MAX, -1  # the tl.dot kernel on the same rows
+            base["int8 triton dot (gemv tile)"] = do_bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
+            int8_matmul.ROWS_MAX = 10**9
+        for name in list(base)[2:]:
+            ms = base[name]
+            rows_out.append(dict(tokens=tokens, o=o, i=i, kernel=name, ms=ms, **{m: v / ms for m, v in per_ms.items()}))
+            print(json.dumps(rows_out[-1]), flush=True)
+        if key == "rows":
+            first = tokens == args.rows_tokens[0]
+            sweep(key, ROWS if first else [dict(tile=int8_matmul.CONFIG["rows"])], x, q, scale, ends, info, rows_out)
+            int8_matmul.ROWS_MAX = saved_max
+        else:  # the tl.dot kernel, whatever the rows
+            saved_max, int8_matmul.ROWS_MAX = int8_matmul.ROWS_MAX, -1
+            sweep(key, SMALL if key == "small" else LARGE, x, q, scale, ends, info, rows_out)
+            int8_matmul.ROWS_MAX = saved_max
         del q, scale, w, x
         torch.cuda.empty_cache()
+        if key == "rows" and tokens == args.rows_tokens[0] and i == f:  # both projections swept: the best
+            total = collections.defaultdict(float)  # tile for gate/up + down, for gpu_int8_run.sh rows
+            for r in rows_out:
+                if r.get("key") == "rows" and r["tokens"] == tokens:
+                    total[tuple(r["config"])] += r["ms"]
+            tile = min(total, key=total.get)
+            print(f"BEST rows={','.join(str(int(v)) for v in tile)} {total[tile]:.3f} ms", flush=True)
         if args.out is not None:  # after each shape: a run cut short keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows_out, indent=1) + "\n")

@@ -130,7 +130,7 @@ def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compil
     plan = serving_plan(config, context + 64 + args.steps + args.warmup, batch, chunk=args.prefill_chunk,
                         quantize=args.quantize, scan_backend=config.scan_backend)  # fmt: skip
     row = dict(part=part, layout=layout, batch=batch, context=context, compiled=bool(compile),
-               plan_gib=plan.total / GiB)  # fmt: skip
+               int8_rows_max=rows_max(), plan_gib=plan.total / GiB)  # fmt: skip
     if plan.total > cap:
         row.update(fits=False, largest_batch=largest_batch(config, context, cap, chunk=args.prefill_chunk,
                                                            quantize=args.quantize, scan_backend=config.scan_backend))  # fmt: skip
@@ -151,8 +151,30 @@ def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compil
         torch.cuda.reset_peak_memory_stats()
 
 
+def rows_max():
+    """minijamba.kernels.int8_matmul.ROWS_MAX (-1: the tl.dot kernel only), None without Triton."""
+    try:
+        from minijamba.kernels import int8_matmul
+    except ImportError:
+        return None
+    return int8_matmul.ROWS_MAX
+
+
+def ab_rows(values):
+    """Set int8_matmul.ROWS_MAX to each value in turn (the A/B of the multiply-and-sum kernel)."""
+    from minijamba.kernels import int8_matmul
+
+    saved = int8_matmul.ROWS_MAX
+    for v in values:
+        int8_matmul.ROWS_MAX = saved if v is None else v
+        yield v
+    int8_matmul.ROWS_MAX = saved
+
+
 KINDS = (  # kernel name fragments -> kind, first match wins
-    ("grouped_int8", "int8 experts"), ("_step_kernel", "SSM step"), ("conv", "conv"),
+    ("grouped_int8", "int8 experts"), ("int8_rows", "int8 experts"),
+    ("triton_poi", "fused elementwise"), ("triton_red", "fused reductions"), ("triton_per", "fused reductions"),
+    ("_step_kernel", "SSM step"), ("conv", "conv"),
     ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"), ("softmax", "attention"),
     ("gemv", "matmul"), ("gemm", "matmul"), ("nvjet", "matmul"), ("cutlass", "matmul"), ("sm90", "matmul"),
     ("index", "indexing"), ("scatter", "indexing"), ("gather", "indexing"), ("sort", "indexing"),
@@ -160,7 +182,7 @@ KINDS = (  # kernel name fragments -> kind, first match wins
 )  # fmt: skip
 
 
-def profile(model, batch: int, context: int, args) -> None:
+def profile(model, batch: int, context: int, args, compile=False) -> None:
     """CUDA kernel time of one decoding step by kind, over 5 graph replays after the capture."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -168,7 +190,7 @@ def profile(model, batch: int, context: int, args) -> None:
     device = model.embed_tokens.weight.device
     state = model.new_state(batch, context + 16)
     state.valid[:, :context] = True
-    step = DecodeStep(model, state, graph=args.graph, bucket=1024)
+    step = DecodeStep(model, state, graph=args.graph, bucket=1024, compile=compile)
     tokens = torch.randint(0, model.config.vocab_size, (8, batch), device=device)
     ends = [context + 1] * batch
     for i in range(3):
@@ -190,7 +212,7 @@ def profile(model, batch: int, context: int, args) -> None:
         acc[0] += us / 5 / 1e3
         acc[1] += e.count / 5
     top = sorted(((getattr(e, "device_time_total", 0.0) / 5 / 1e3, e.key[:90]) for e in prof.key_averages()), reverse=True)[:8]
-    emit(dict(part="profile", batch=batch, context=context,
+    emit(dict(part="profile", batch=batch, context=context, compiled=bool(compile), int8_rows_max=rows_max(),
               kernel_ms=round(sum(v[0] for v in kinds.values()), 3),
               kernels_a_step=round(sum(v[1] for v in kinds.values())),
               by_kind={k: dict(ms=round(v[0], 3), kernels=round(v[1])) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
@@ -288,6 +310,10 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, without CUDA graphs")
     p.add_argument("--int8-config", nargs="*", default=[], metavar="KEY=T,O,I,WARPS,STAGES,LEFT",
                    help="set minijamba.kernels.int8_matmul.CONFIG[KEY] for this run (a tile from gpu_int8_sweep.py)")
+    p.add_argument("--rows-ab", action="store_true",
+                   help="time each batch, compiled step and profile twice: int8_matmul.ROWS_MAX = -1 (the tl.dot "
+                        "kernel only, as before the multiply-and-sum kernel), then as in the code")
+    p.add_argument("--profile-compile", action="store_true", help="profile the compiled step")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.quantize = "int8"
@@ -320,21 +346,26 @@ def main(argv=None) -> None:
         model = build(c, device, dtype, quantize=args.quantize, seed=0)
         print(f"built {layout} {c.describe()} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         mid = args.prompt + args.new // 2
+        ab = [-1, None] if args.rows_ab and device.type == "cuda" else [None]
         if "batch" in args.parts:
             for b in args.batches:
-                decode_row(model, "batch", layout, b, mid, args, bandwidth, cap)
+                for _ in ab_rows(ab):
+                    decode_row(model, "batch", layout, b, mid, args, bandwidth, cap)
         if "context" in args.parts:
             for s in args.contexts:
                 decode_row(model, "context", layout, 1, s, args, bandwidth, cap)
         if "compile" in args.parts and layout == "hybrid":
             for b in args.compile_batches:
-                try:
-                    decode_row(model, "compile", layout, b, mid, args, bandwidth, cap, compile=True)
-                except Exception as e:  # a compile failure is a result too
-                    emit(dict(part="compile", layout=layout, batch=b, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                for _ in ab_rows(ab):
+                    try:
+                        decode_row(model, "compile", layout, b, mid, args, bandwidth, cap, compile=True)
+                    except Exception as e:  # a compile failure is a result too
+                        emit(dict(part="compile", layout=layout, batch=b, int8_rows_max=rows_max(),
+                                  error=f"{type(e).__name__}: {str(e)[:300]}"))  # fmt: skip
         if "profile" in args.parts and layout == "hybrid":
             for b in args.profile_batches:
-                profile(model, b, mid, args)
+                for _ in ab_rows(ab):
+                    profile(model, b, mid, args, compile=args.profile_compile)
         if "engine" in args.parts and layout == "hybrid":
             engine(model, args)
         del model

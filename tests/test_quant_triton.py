@@ -39,7 +39,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
     st.integers(1, 70),  # O
     st.integers(1, 40),  # I
     st.sampled_from(DTYPES),
-    st.sampled_from(["gemv", "small", "large"]),
+    st.sampled_from(["rows", "gemv", "small", "large"]),
     st.booleans(),  # W_LEFT: the weight tile as the dot's left operand
     seeds,
 )
@@ -49,8 +49,10 @@ def test_kernel_equals_reference(counts, O, I, dtype, shape, w_left, seed):
     ends = torch.tensor(counts).cumsum(0)
     x = torch.randn(sum(counts), I, generator=gen(seed + 1)).to(dtype)
     q, scale, ends, x = q.to(DEVICE), scale.to(DEVICE), ends.to(DEVICE), x.to(DEVICE)
-    saved = triton_kernel.GEMV_ROWS, triton_kernel.SMALL_ROWS, dict(triton_kernel.CONFIG)
-    # whatever the rows, the launch shape asked for (on a Hopper GPU "large" is "large_sm90")
+    saved = triton_kernel.GEMV_ROWS, triton_kernel.SMALL_ROWS, dict(triton_kernel.CONFIG), triton_kernel.ROWS_MAX
+    # whatever the rows, the launch shape asked for (on a Hopper GPU "large" is "large_sm90"; "rows"
+    # is the multiply-and-sum kernel, the others the tl.dot one)
+    triton_kernel.ROWS_MAX = 10**9 if shape == "rows" else -1
     triton_kernel.GEMV_ROWS = 10**9 if shape == "gemv" else -1
     triton_kernel.SMALL_ROWS = 10**9 if shape == "small" else -1
     triton_kernel.CONFIG.update({k: (*v[:-1], w_left) for k, v in saved[2].items()})
@@ -59,6 +61,7 @@ def test_kernel_equals_reference(counts, O, I, dtype, shape, w_left, seed):
     finally:
         triton_kernel.GEMV_ROWS, triton_kernel.SMALL_ROWS = saved[:2]
         triton_kernel.CONFIG.update(saved[2])
+        triton_kernel.ROWS_MAX = saved[3]
     expected = grouped_int8_linear_reference(x.float(), q, scale, ends)  # float32 truth
     assert got.dtype == dtype and got.shape == (sum(counts), O)
     assert_close(got, expected, TOL[dtype], f"{shape} launch, W_LEFT={w_left}, {dtype}")

@@ -18,7 +18,12 @@ this kernel reads each weight byte once. For Jamba-v0.1 that is 28 GB against 5.
 traffic per token, most of a decoding step. In prefill the same kernel is a grouped GEMM on tensor
 cores, with the weight tile converted to the activation dtype after it is loaded.
 
-The grid: axis 0 splits the o outputs into tiles of BLOCK_O; axis 1 runs over row blocks of BLOCK_T
+At most ROWS_MAX rows in all (decoding at batch 1 or 2) a second kernel runs: one program per
+(row, tile of outputs), a multiply and a sum over each weight tile instead of tl.dot, whose 16-row
+minimum would leave 15 of its rows masked. Each row reads its expert's weights, so two rows of one
+expert read them twice: only for this handful of rows is that cheaper than the dot kernel.
+
+The dot kernel's grid: axis 0 splits the o outputs into tiles of BLOCK_O; axis 1 runs over row blocks of BLOCK_T
 rows, each inside one expert. Expert j owns ceil(count_j / BLOCK_T) consecutive row blocks; the
 launch has ceil(t*K / BLOCK_T) + E of them (an upper bound, computed without reading the counts back
 to the host: no synchronisation) and each program finds its expert from the prefix sums of the
@@ -42,6 +47,7 @@ import triton.language as tl
 # prefill tile on Hopper (H100/H200), whose shared memory holds its 64 KiB a stage: the sweep's
 # fastest at Jamba-v0.1's expert shapes. (bench/RESULTS.md, "The int8 kernel's tiles", 2026-12-03.)
 CONFIG = {
+    "rows": (1, 32, 256, 4, 3, False),  # _int8_rows_kernel (BLOCK_T unused), ROWS_MAX rows at most
     "gemv": (16, 32, 128, 4, 3, False),
     "small": (16, 128, 256, 4, 3, False),
     "large": (64, 128, 64, 4, 3, False),
@@ -49,6 +55,7 @@ CONFIG = {
 }
 SMALL_ROWS = 64  # at most this many rows per expert on average: the "small" shape
 GEMV_ROWS = 1  # at most this many: "gemv" (decoding at batch 1 to about E / K)
+ROWS_MAX = 4  # at most this many rows in all: "rows" (decoding at batch 1 and 2, K = 2)
 
 
 @triton.jit
@@ -99,6 +106,35 @@ def _grouped_int8_kernel(
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _int8_rows_kernel(
+    x_ptr, q_ptr, s_ptr, y_ptr, ends_ptr,
+    n_experts, n_out, n_in,
+    stride_xt, stride_qe, stride_qo, stride_se, stride_yt,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+):  # fmt: skip
+    pid_o = tl.program_id(0)
+    r = tl.program_id(1)  # this program's row
+    j = tl.full((), 0, tl.int32)  # its expert: the number of experts that end at or before row r
+    for k in range(0, n_experts):
+        j += (tl.load(ends_ptr + k) <= r).to(tl.int32)
+    cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,) output channels
+    cmask = cols < n_out
+    x_row = x_ptr + r.to(tl.int64) * stride_xt
+    q_rows = q_ptr + j.to(tl.int64) * stride_qe + cols.to(tl.int64)[:, None] * stride_qo
+    acc = tl.full((BLOCK_O, BLOCK_I), 0.0, tl.float32)  # partial products, summed over i at the end
+    for i0 in range(0, n_in, BLOCK_I):
+        ks = i0 + tl.arange(0, BLOCK_I)
+        kmask = ks < n_in
+        xv = tl.load(x_row + ks, mask=kmask, other=0.0).to(tl.float32)  # (BLOCK_I,)
+        wt = tl.load(q_rows + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0,
+                     eviction_policy="evict_first")  # (BLOCK_O, BLOCK_I) int8, read once  # fmt: skip
+        acc += wt.to(tl.float32) * xv[None, :]
+    scale = tl.load(s_ptr + j.to(tl.int64) * stride_se + cols, mask=cmask, other=0.0)  # (BLOCK_O,)
+    y = tl.sum(acc, axis=1) * scale  # (BLOCK_O,)
+    tl.store(y_ptr + r.to(tl.int64) * stride_yt + cols, y.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
 def _shape(x: torch.Tensor, rows_per_expert: float) -> str:
     if rows_per_expert <= GEMV_ROWS:
         return "gemv"
@@ -122,6 +158,14 @@ def grouped_int8_linear(
         return y
     x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
     ends = ends.to(torch.int64)
+    if rows <= ROWS_MAX:
+        _, BLOCK_O, BLOCK_I, warps, stages, _ = CONFIG["rows"]
+        _int8_rows_kernel[(triton.cdiv(n_out, BLOCK_O), rows)](
+            x, q, scale, y, ends, E, n_out, n_in,
+            x.stride(0), q.stride(0), q.stride(1), scale.stride(0), y.stride(0),
+            BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return y
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows per expert
     starts = ends - counts
     BLOCK_T, BLOCK_O, BLOCK_I, warps, stages, w_left = CONFIG[_shape(x, rows / E)]
