@@ -21,12 +21,10 @@ sweep)
     > "$OUT/int8_sweep.log" 2>&1; echo "sweep rc=$?"
   grep RESULT "$OUT/int8_sweep.log" ;;
 rows)
-  timeout 150 python -m pytest -q -x tests/test_quant_triton.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"
-  tail -2 "$OUT/tests.log"
-  timeout 180 python bench/gpu_int8_sweep.py --tokens --rows-tokens 1 2 --out "$OUT/rows_sweep.json" \
+  timeout 150 python bench/gpu_int8_sweep.py --tokens --rows-tokens 1 2 --out "$OUT/rows_sweep.json" \
     > "$OUT/rows_sweep.log" 2>&1; echo "sweep rc=$?"
   grep RESULT "$OUT/rows_sweep.log"
-  grep -h '"kernel": "\(int8 triton dot\|bf16\)' "$OUT/rows_sweep.log" | cut -c1-160
+  grep -h '"kernel": "\(int8 triton \(dot\|rows\)\|bf16\)' "$OUT/rows_sweep.log" | cut -c1-160
   # the tile whose gate/up + down time at batch 1 is least
   best=$(grep -h '^BEST rows=' "$OUT/rows_sweep.log" | cut -d' ' -f2)
   echo "best rows tile: ${best:-none: the tile in the code}"
@@ -34,7 +32,9 @@ rows)
   timeout ${STEP_TIMEOUT:-330} python bench/gpu_serving.py --parts batch compile profile --layouts hybrid --batches 1 2 \
     --compile-batches 1 --profile-batches 1 --profile-compile --rows-ab --steps 30 $ROWS_CONFIG \
     --out "$OUT/rows_step.json" > "$OUT/rows_step.log" 2>&1; echo "step rc=$?"
-  grep RESULT "$OUT/rows_step.log" | cut -c1-330 ;;
+  grep RESULT "$OUT/rows_step.log" | cut -c1-330
+  timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x --durations=5 tests/test_quant_triton.py > "$OUT/tests.log" 2>&1
+  echo "tests rc=$?" >> "$OUT/tests.log"; tail -8 "$OUT/tests.log" ;;
 serve)
   common=(--parts prefill batch --layouts hybrid --batches 1 64 --prefill-modes bf16 int8-triton int8-reference
           --prefill-lens 2048 8192 32768 --steps 20)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minijamba.inference.quant import grouped_int8_linear_reference, quantize_rows  # noqa: E402
@@ -39,13 +39,13 @@ ROWS = [dict(tile=(1, bo, bi, warps, stages, False)) for bo, bi, warps, stages i
         itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [2, 3]) if bo * bi <= 16384]  # fmt: skip
 
 
-def sweep(key: str, candidates: list[dict], x, q, scale, ends, info: dict, rows_out: list) -> dict:
+def sweep(key: str, candidates: list[dict], x, q, scale, ends, info: dict, rows_out: list, bench=do_bench) -> dict:
     """Time each candidate tile as CONFIG[key]; the fastest row."""
     saved, best = int8_matmul.CONFIG[key], None
     for cand in candidates:
         int8_matmul.CONFIG[key] = cand["tile"]
         try:
-            ms = do_bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
+            ms = bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
         except Exception as e:  # out of shared memory or registers: not a candidate
             print(f"skip {cand['tile']}: {type(e).__name__}", flush=True)
             continue
@@ -57,7 +57,7 @@ def sweep(key: str, candidates: list[dict], x, q, scale, ends, info: dict, rows_
         if best is None or ms < best["ms"]:
             best = row
     int8_matmul.CONFIG[key] = saved
-    current = do_bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
+    current = bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
     print(f"RESULT {key} tokens={info['tokens']} o={info['o']} i={info['i']}: now {saved} {current:.3f} ms, "
           f"best {best['config']} {best['ms']:.3f} ms", flush=True)  # fmt: skip
     return best
@@ -92,17 +92,23 @@ def main(argv=None) -> None:
         for name, ms in base.items():
             rows_out.append(dict(tokens=tokens, o=o, i=i, kernel=name, ms=ms, **{m: v / ms for m, v in per_ms.items()}))
             print(json.dumps(rows_out[-1]), flush=True)
-        if key == "rows":
+        if key == "rows":  # a few microseconds a call: timed in a CUDA graph, as in a decoding step
             saved_max, int8_matmul.ROWS_MAX = int8_matmul.ROWS_MAX, -1  # the tl.dot kernel on the same rows
-            base["int8 triton dot (gemv tile)"] = do_bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
+            call = lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends)  # noqa: E731
+            base["int8 triton dot (gemv tile), graph"] = do_bench_cudagraph(call)
             int8_matmul.ROWS_MAX = 10**9
+            for magic in (False, True):
+                saved_magic, int8_matmul.MAGIC = int8_matmul.MAGIC, magic
+                base[f"int8 triton rows, MAGIC={magic}, graph"] = do_bench_cudagraph(call)
+                int8_matmul.MAGIC = saved_magic
         for name in list(base)[2:]:
             ms = base[name]
             rows_out.append(dict(tokens=tokens, o=o, i=i, kernel=name, ms=ms, **{m: v / ms for m, v in per_ms.items()}))
             print(json.dumps(rows_out[-1]), flush=True)
         if key == "rows":
             first = tokens == args.rows_tokens[0]
-            sweep(key, ROWS if first else [dict(tile=int8_matmul.CONFIG["rows"])], x, q, scale, ends, info, rows_out)
+            sweep(key, ROWS if first else [dict(tile=int8_matmul.CONFIG["rows"])], x, q, scale, ends, info, rows_out,
+                  bench=do_bench_cudagraph)  # fmt: skip
             int8_matmul.ROWS_MAX = saved_max
         else:  # the tl.dot kernel, whatever the rows
             saved_max, int8_matmul.ROWS_MAX = int8_matmul.ROWS_MAX, -1

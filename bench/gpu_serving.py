@@ -130,7 +130,7 @@ def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compil
     plan = serving_plan(config, context + 64 + args.steps + args.warmup, batch, chunk=args.prefill_chunk,
                         quantize=args.quantize, scan_backend=config.scan_backend)  # fmt: skip
     row = dict(part=part, layout=layout, batch=batch, context=context, compiled=bool(compile),
-               int8_rows_max=rows_max(), plan_gib=plan.total / GiB)  # fmt: skip
+               int8_rows=rows_max(), plan_gib=plan.total / GiB)  # fmt: skip
     if plan.total > cap:
         row.update(fits=False, largest_batch=largest_batch(config, context, cap, chunk=args.prefill_chunk,
                                                            quantize=args.quantize, scan_backend=config.scan_backend))  # fmt: skip
@@ -152,23 +152,25 @@ def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compil
 
 
 def rows_max():
-    """minijamba.kernels.int8_matmul.ROWS_MAX (-1: the tl.dot kernel only), None without Triton."""
+    """minijamba.kernels.int8_matmul's (ROWS_MAX, MAGIC) (ROWS_MAX -1: the tl.dot kernel only), None
+    without Triton."""
     try:
         from minijamba.kernels import int8_matmul
     except ImportError:
         return None
-    return int8_matmul.ROWS_MAX
+    return [int8_matmul.ROWS_MAX, int8_matmul.MAGIC]
 
 
-def ab_rows(values):
-    """Set int8_matmul.ROWS_MAX to each value in turn (the A/B of the multiply-and-sum kernel)."""
+def ab_rows(variants):
+    """Set int8_matmul's ROWS_MAX and MAGIC to each (rows_max, magic) in turn, None keeping the code's
+    value: the A/B of the multiply-and-sum kernel and of its int8 -> float conversion."""
     from minijamba.kernels import int8_matmul
 
-    saved = int8_matmul.ROWS_MAX
-    for v in values:
-        int8_matmul.ROWS_MAX = saved if v is None else v
+    saved = int8_matmul.ROWS_MAX, int8_matmul.MAGIC
+    for v in variants:
+        int8_matmul.ROWS_MAX, int8_matmul.MAGIC = (s if x is None else x for s, x in zip(saved, v))
         yield v
-    int8_matmul.ROWS_MAX = saved
+    int8_matmul.ROWS_MAX, int8_matmul.MAGIC = saved
 
 
 KINDS = (  # kernel name fragments -> kind, first match wins
@@ -212,7 +214,7 @@ def profile(model, batch: int, context: int, args, compile=False) -> None:
         acc[0] += us / 5 / 1e3
         acc[1] += e.count / 5
     top = sorted(((getattr(e, "device_time_total", 0.0) / 5 / 1e3, e.key[:90]) for e in prof.key_averages()), reverse=True)[:8]
-    emit(dict(part="profile", batch=batch, context=context, compiled=bool(compile), int8_rows_max=rows_max(),
+    emit(dict(part="profile", batch=batch, context=context, compiled=bool(compile), int8_rows=rows_max(),
               kernel_ms=round(sum(v[0] for v in kinds.values()), 3),
               kernels_a_step=round(sum(v[1] for v in kinds.values())),
               by_kind={k: dict(ms=round(v[0], 3), kernels=round(v[1])) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
@@ -311,8 +313,8 @@ def main(argv=None) -> None:
     p.add_argument("--int8-config", nargs="*", default=[], metavar="KEY=T,O,I,WARPS,STAGES,LEFT",
                    help="set minijamba.kernels.int8_matmul.CONFIG[KEY] for this run (a tile from gpu_int8_sweep.py)")
     p.add_argument("--rows-ab", action="store_true",
-                   help="time each batch, compiled step and profile twice: int8_matmul.ROWS_MAX = -1 (the tl.dot "
-                        "kernel only, as before the multiply-and-sum kernel), then as in the code")
+                   help="time each batch, compiled step and profile three times: int8_matmul.ROWS_MAX = -1 (the "
+                        "tl.dot kernel only, as before the multiply-and-sum kernel), then the code's with MAGIC off and on")
     p.add_argument("--profile-compile", action="store_true", help="profile the compiled step")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -346,7 +348,7 @@ def main(argv=None) -> None:
         model = build(c, device, dtype, quantize=args.quantize, seed=0)
         print(f"built {layout} {c.describe()} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         mid = args.prompt + args.new // 2
-        ab = [-1, None] if args.rows_ab and device.type == "cuda" else [None]
+        ab = [(-1, None), (None, False), (None, True)] if args.rows_ab and device.type == "cuda" else [(None, None)]
         if "batch" in args.parts:
             for b in args.batches:
                 for _ in ab_rows(ab):
@@ -360,7 +362,7 @@ def main(argv=None) -> None:
                     try:
                         decode_row(model, "compile", layout, b, mid, args, bandwidth, cap, compile=True)
                     except Exception as e:  # a compile failure is a result too
-                        emit(dict(part="compile", layout=layout, batch=b, int8_rows_max=rows_max(),
+                        emit(dict(part="compile", layout=layout, batch=b, int8_rows=rows_max(),
                                   error=f"{type(e).__name__}: {str(e)[:300]}"))  # fmt: skip
         if "profile" in args.parts and layout == "hybrid":
             for b in args.profile_batches:

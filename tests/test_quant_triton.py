@@ -41,15 +41,17 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
     st.sampled_from(DTYPES),
     st.sampled_from(["rows", "gemv", "small", "large"]),
     st.booleans(),  # W_LEFT: the weight tile as the dot's left operand
+    st.booleans(),  # MAGIC (the rows kernel): int8 -> float by integer add and bitcast, or a conversion
     seeds,
 )
-def test_kernel_equals_reference(counts, O, I, dtype, shape, w_left, seed):
+def test_kernel_equals_reference(counts, O, I, dtype, shape, w_left, magic, seed):
     n = len(counts)
     q, scale = quantize_rows(torch.randn(n, O, I, generator=gen(seed)))
     ends = torch.tensor(counts).cumsum(0)
     x = torch.randn(sum(counts), I, generator=gen(seed + 1)).to(dtype)
     q, scale, ends, x = q.to(DEVICE), scale.to(DEVICE), ends.to(DEVICE), x.to(DEVICE)
     saved = triton_kernel.GEMV_ROWS, triton_kernel.SMALL_ROWS, dict(triton_kernel.CONFIG), triton_kernel.ROWS_MAX
+    saved_magic, triton_kernel.MAGIC = triton_kernel.MAGIC, magic
     # whatever the rows, the launch shape asked for (on a Hopper GPU "large" is "large_sm90"; "rows"
     # is the multiply-and-sum kernel, the others the tl.dot one)
     triton_kernel.ROWS_MAX = 10**9 if shape == "rows" else -1
@@ -62,9 +64,10 @@ def test_kernel_equals_reference(counts, O, I, dtype, shape, w_left, seed):
         triton_kernel.GEMV_ROWS, triton_kernel.SMALL_ROWS = saved[:2]
         triton_kernel.CONFIG.update(saved[2])
         triton_kernel.ROWS_MAX = saved[3]
+        triton_kernel.MAGIC = saved_magic
     expected = grouped_int8_linear_reference(x.float(), q, scale, ends)  # float32 truth
     assert got.dtype == dtype and got.shape == (sum(counts), O)
-    assert_close(got, expected, TOL[dtype], f"{shape} launch, W_LEFT={w_left}, {dtype}")
+    assert_close(got, expected, TOL[dtype], f"{shape} launch, W_LEFT={w_left}, MAGIC={magic}, {dtype}")
 
 
 def test_int8_experts_model_runs_the_same_with_either_kernel(monkeypatch):
@@ -95,3 +98,21 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "cutlass")
     with pytest.raises(ValueError, match="reference"):
         int8_kernel(x)
+
+
+@pytest.mark.parametrize("shape, magic", [("rows", True), ("rows", False), ("gemv", False)])
+def test_every_int8_value_converts_exactly(shape, magic):
+    """All 256 int8 values, one an output channel, times x = 1: y is each value times its scale, for
+    either conversion (MAGIC's integer add and bitcast must be exact at -128 and 127 too)."""
+    q = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 256, 1).to(DEVICE)  # (E=1, o=256, i=1)
+    scale = torch.full((1, 256), 0.5, device=DEVICE)
+    x = torch.ones(2, 1, device=DEVICE)  # two rows of the one expert
+    ends = torch.tensor([2], device=DEVICE)
+    saved = triton_kernel.ROWS_MAX, triton_kernel.MAGIC
+    triton_kernel.ROWS_MAX, triton_kernel.MAGIC = (10**9 if shape == "rows" else -1), magic
+    try:
+        got = triton_kernel.grouped_int8_linear(x, q, scale, ends)
+    finally:
+        triton_kernel.ROWS_MAX, triton_kernel.MAGIC = saved
+    expected = (torch.arange(-128, 128, device=DEVICE).float() * 0.5).expand(2, 256)
+    assert torch.equal(got, expected)
