@@ -47,7 +47,7 @@ import triton.language as tl
 # prefill tile on Hopper (H100/H200), whose shared memory holds its 64 KiB a stage: the sweep's
 # fastest at Jamba-v0.1's expert shapes. (bench/RESULTS.md, "The int8 kernel's tiles", 2026-12-03.)
 CONFIG = {
-    "rows": (1, 32, 256, 4, 3, False),  # _int8_rows_kernel (BLOCK_T unused), ROWS_MAX rows at most
+    "rows": (1, 16, 512, 4, 2, False),  # _int8_rows_kernel (BLOCK_T unused), the 2026-12-04 sweep
     "gemv": (16, 32, 128, 4, 3, False),
     "small": (16, 128, 256, 4, 3, False),
     "large": (64, 128, 64, 4, 3, False),
