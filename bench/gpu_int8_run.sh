@@ -6,9 +6,10 @@
 #         (bf16 / int8 fused / int8 cast + cuBLAS) and decoding at batch 1 and 64; then the compiled step
 #         at batch 1 with the given tiles, and the graph breaks that remain.
 #     bash bench/gpu_int8_run.sh rows
-#         the multiply-and-sum kernel for a handful of rows: GPU tests, its tile swept against the tl.dot
-#         kernel's "gemv" tile, then the decoding step at batch 1 and 2 (graph replay and compiled) and the
-#         compiled step's profile, each with ROWS_MAX = -1 (the commit before) and as in the code, in one process.
+#         the multiply-and-sum kernel for a handful of rows: its tile swept against the tl.dot kernel's "gemv"
+#         tile, then the decoding step at batch 1 and 2 (graph replay and compiled) and the compiled step's
+#         profile, each with ROWS_MAX = -1 (the commit before), then MAGIC off and on, in one process; then
+#         the GPU tests of the kernels.
 set -u
 mkdir -p "${OUT:-out/bench}"
 OUT=$(cd "${OUT:-out/bench}" && pwd)

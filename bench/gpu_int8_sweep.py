@@ -21,6 +21,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -89,31 +90,23 @@ def main(argv=None) -> None:
             "bf16 grouped_mm": do_bench(lambda: F.grouped_mm(x, w.transpose(1, 2), offs=ends.to(torch.int32))),
             "int8 reference": do_bench(lambda: grouped_int8_linear_reference(x, q, scale, ends)),
         }
+        call = lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends)  # noqa: E731
+        if key == "rows":  # a few microseconds a call: timed in a CUDA graph, as in a decoding step
+            with patch.multiple(int8_matmul, ROWS_MAX=-1):  # the tl.dot kernel on the same rows
+                base["int8 triton dot (gemv tile), graph"] = do_bench_cudagraph(call)
+            for magic in (False, True):
+                with patch.multiple(int8_matmul, ROWS_MAX=10**9, MAGIC=magic):
+                    base[f"int8 triton rows, MAGIC={magic}, graph"] = do_bench_cudagraph(call)
         for name, ms in base.items():
             rows_out.append(dict(tokens=tokens, o=o, i=i, kernel=name, ms=ms, **{m: v / ms for m, v in per_ms.items()}))
             print(json.dumps(rows_out[-1]), flush=True)
-        if key == "rows":  # a few microseconds a call: timed in a CUDA graph, as in a decoding step
-            saved_max, int8_matmul.ROWS_MAX = int8_matmul.ROWS_MAX, -1  # the tl.dot kernel on the same rows
-            call = lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends)  # noqa: E731
-            base["int8 triton dot (gemv tile), graph"] = do_bench_cudagraph(call)
-            int8_matmul.ROWS_MAX = 10**9
-            for magic in (False, True):
-                saved_magic, int8_matmul.MAGIC = int8_matmul.MAGIC, magic
-                base[f"int8 triton rows, MAGIC={magic}, graph"] = do_bench_cudagraph(call)
-                int8_matmul.MAGIC = saved_magic
-        for name in list(base)[2:]:
-            ms = base[name]
-            rows_out.append(dict(tokens=tokens, o=o, i=i, kernel=name, ms=ms, **{m: v / ms for m, v in per_ms.items()}))
-            print(json.dumps(rows_out[-1]), flush=True)
-        if key == "rows":
-            first = tokens == args.rows_tokens[0]
-            sweep(key, ROWS if first else [dict(tile=int8_matmul.CONFIG["rows"])], x, q, scale, ends, info, rows_out,
-                  bench=do_bench_cudagraph)  # fmt: skip
-            int8_matmul.ROWS_MAX = saved_max
+        if key == "rows":  # swept at the first batch; the tile in CONFIG at the others
+            tiles = ROWS if tokens == args.rows_tokens[0] else [dict(tile=int8_matmul.CONFIG["rows"])]
+            with patch.multiple(int8_matmul, ROWS_MAX=10**9):
+                sweep(key, tiles, x, q, scale, ends, info, rows_out, bench=do_bench_cudagraph)
         else:  # the tl.dot kernel, whatever the rows
-            saved_max, int8_matmul.ROWS_MAX = int8_matmul.ROWS_MAX, -1
-            sweep(key, SMALL if key == "small" else LARGE, x, q, scale, ends, info, rows_out)
-            int8_matmul.ROWS_MAX = saved_max
+            with patch.multiple(int8_matmul, ROWS_MAX=-1):
+                sweep(key, SMALL if key == "small" else LARGE, x, q, scale, ends, info, rows_out)
         del q, scale, w, x
         torch.cuda.empty_cache()
         if key == "rows" and tokens == args.rows_tokens[0] and i == f:  # both projections swept: the best

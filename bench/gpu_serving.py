@@ -40,7 +40,9 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -130,7 +132,7 @@ def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compil
     plan = serving_plan(config, context + 64 + args.steps + args.warmup, batch, chunk=args.prefill_chunk,
                         quantize=args.quantize, scan_backend=config.scan_backend)  # fmt: skip
     row = dict(part=part, layout=layout, batch=batch, context=context, compiled=bool(compile),
-               int8_rows=rows_max(), plan_gib=plan.total / GiB)  # fmt: skip
+               int8_rows=int8_rows(), plan_gib=plan.total / GiB)  # fmt: skip
     if plan.total > cap:
         row.update(fits=False, largest_batch=largest_batch(config, context, cap, chunk=args.prefill_chunk,
                                                            quantize=args.quantize, scan_backend=config.scan_backend))  # fmt: skip
@@ -151,8 +153,8 @@ def decode_row(model, part, layout, batch, context, args, bandwidth, cap, compil
         torch.cuda.reset_peak_memory_stats()
 
 
-def rows_max():
-    """minijamba.kernels.int8_matmul's (ROWS_MAX, MAGIC) (ROWS_MAX -1: the tl.dot kernel only), None
+def int8_rows():
+    """minijamba.kernels.int8_matmul's [ROWS_MAX, MAGIC] (ROWS_MAX -1: the tl.dot kernel only), None
     without Triton."""
     try:
         from minijamba.kernels import int8_matmul
@@ -166,11 +168,10 @@ def ab_rows(variants):
     value: the A/B of the multiply-and-sum kernel and of its int8 -> float conversion."""
     from minijamba.kernels import int8_matmul
 
-    saved = int8_matmul.ROWS_MAX, int8_matmul.MAGIC
-    for v in variants:
-        int8_matmul.ROWS_MAX, int8_matmul.MAGIC = (s if x is None else x for s, x in zip(saved, v))
-        yield v
-    int8_matmul.ROWS_MAX, int8_matmul.MAGIC = saved
+    for rows_max, magic in variants:
+        changes = {k: v for k, v in (("ROWS_MAX", rows_max), ("MAGIC", magic)) if v is not None}
+        with patch.multiple(int8_matmul, **changes) if changes else nullcontext():
+            yield rows_max, magic
 
 
 KINDS = (  # kernel name fragments -> kind, first match wins
@@ -214,7 +215,7 @@ def profile(model, batch: int, context: int, args, compile=False) -> None:
         acc[0] += us / 5 / 1e3
         acc[1] += e.count / 5
     top = sorted(((getattr(e, "device_time_total", 0.0) / 5 / 1e3, e.key[:90]) for e in prof.key_averages()), reverse=True)[:8]
-    emit(dict(part="profile", batch=batch, context=context, compiled=bool(compile), int8_rows=rows_max(),
+    emit(dict(part="profile", batch=batch, context=context, compiled=bool(compile), int8_rows=int8_rows(),
               kernel_ms=round(sum(v[0] for v in kinds.values()), 3),
               kernels_a_step=round(sum(v[1] for v in kinds.values())),
               by_kind={k: dict(ms=round(v[0], 3), kernels=round(v[1])) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
@@ -362,7 +363,7 @@ def main(argv=None) -> None:
                     try:
                         decode_row(model, "compile", layout, b, mid, args, bandwidth, cap, compile=True)
                     except Exception as e:  # a compile failure is a result too
-                        emit(dict(part="compile", layout=layout, batch=b, int8_rows=rows_max(),
+                        emit(dict(part="compile", layout=layout, batch=b, int8_rows=int8_rows(),
                                   error=f"{type(e).__name__}: {str(e)[:300]}"))  # fmt: skip
         if "profile" in args.parts and layout == "hybrid":
             for b in args.profile_batches:

@@ -101,18 +101,15 @@ def test_kernel_choice(monkeypatch):
 
 
 @pytest.mark.parametrize("shape, magic", [("rows", True), ("rows", False), ("gemv", False)])
-def test_every_int8_value_converts_exactly(shape, magic):
+def test_every_int8_value_converts_exactly(shape, magic, monkeypatch):
     """All 256 int8 values, one an output channel, times x = 1: y is each value times its scale, for
     either conversion (MAGIC's integer add and bitcast must be exact at -128 and 127 too)."""
     q = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 256, 1).to(DEVICE)  # (E=1, o=256, i=1)
     scale = torch.full((1, 256), 0.5, device=DEVICE)
     x = torch.ones(2, 1, device=DEVICE)  # two rows of the one expert
     ends = torch.tensor([2], device=DEVICE)
-    saved = triton_kernel.ROWS_MAX, triton_kernel.MAGIC
-    triton_kernel.ROWS_MAX, triton_kernel.MAGIC = (10**9 if shape == "rows" else -1), magic
-    try:
-        got = triton_kernel.grouped_int8_linear(x, q, scale, ends)
-    finally:
-        triton_kernel.ROWS_MAX, triton_kernel.MAGIC = saved
+    monkeypatch.setattr(triton_kernel, "ROWS_MAX", 10**9 if shape == "rows" else -1)
+    monkeypatch.setattr(triton_kernel, "MAGIC", magic)
+    got = triton_kernel.grouped_int8_linear(x, q, scale, ends)
     expected = (torch.arange(-128, 128, device=DEVICE).float() * 0.5).expand(2, 256)
     assert torch.equal(got, expected)
