@@ -178,7 +178,7 @@ def test_aux_loss_at_least_k_when_tokens_share_probabilities(r, sharpness):
     p = probs[0]
     top = p.topk(K).values.sum()
     assert abs(loss - n * top.item()) < 1e-5 * n
-    assert loss >= K - 1e-6
+    assert loss >= K - 1e-5 * n  # float32: the probabilities sum to 1 only up to rounding
     if K < n and (p.max() - p.min()).item() > 1e-3:
         assert loss > K + 1e-6  # strictly above the minimum when routing is not uniform
 
