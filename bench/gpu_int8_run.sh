@@ -10,6 +10,10 @@
 #         tile, then the decoding step at batch 1 and 2 (graph replay and compiled) and the compiled step's
 #         profile, each with ROWS_MAX = -1 (the commit before), then MAGIC off and on, in one process; then
 #         the GPU tests of the kernels.
+#     bash bench/gpu_int8_run.sh groups                 the prefill tile and GROUP_T swept, then the GPU tests
+#     bash bench/gpu_int8_run.sh prefill "G:T,O,I,W,S,L"
+#         prefill of one block, bf16 / int8 fused / int8 cast + cuBLAS, the fused kernel at GROUP_T = 1
+#         (launch order, the commit before) and at the given group and tile, in one process
 set -u
 mkdir -p "${OUT:-out/bench}"
 OUT=$(cd "${OUT:-out/bench}" && pwd)
@@ -36,6 +40,18 @@ rows)
   grep RESULT "$OUT/rows_step.log" | cut -c1-330
   timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x --durations=5 tests/test_quant_triton.py > "$OUT/tests.log" 2>&1
   echo "tests rc=$?" >> "$OUT/tests.log"; tail -8 "$OUT/tests.log" ;;
+groups)
+  timeout ${SWEEP_TIMEOUT:-360} python bench/gpu_int8_sweep.py --tokens 8192 32768 --groups 1 4 8 16 \
+    --out "$OUT/group_sweep.json" > "$OUT/group_sweep.log" 2>&1; echo "sweep rc=$?"
+  grep 'RESULT\|BEST' "$OUT/group_sweep.log"
+  grep -h '"kernel": "\(int8 reference\|bf16\)' "$OUT/group_sweep.log" | cut -c1-160
+  timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x --durations=5 tests/test_quant_triton.py > "$OUT/tests.log" 2>&1
+  echo "tests rc=$?" >> "$OUT/tests.log"; tail -8 "$OUT/tests.log" ;;
+prefill)
+  timeout ${PREFILL_TIMEOUT:-400} python bench/gpu_serving.py --parts prefill --layouts \
+    --prefill-modes bf16 int8-triton int8-reference --prefill-lens 2048 8192 32768 --prefill-variants 1 "$2" \
+    --out "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
+  grep -h '"part": "prefill"' "$OUT/prefill.log" | cut -c1-260 ;;
 serve)
   common=(--parts prefill batch --layouts hybrid --batches 1 64 --prefill-modes bf16 int8-triton int8-reference
           --prefill-lens 2048 8192 32768 --steps 20)

@@ -11,6 +11,7 @@ touch). Medians of triton.testing.do_bench.
 
     python bench/gpu_int8_sweep.py --tokens 8192 --decode-tokens 1 64 --out $OUT/int8_sweep.json
     python bench/gpu_int8_sweep.py --tokens --rows-tokens 1 2 --out $OUT/rows_sweep.json
+    python bench/gpu_int8_sweep.py --tokens 8192 32768 --groups 1 4 8 16 --out $OUT/group_sweep.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ LARGE = [dict(tile=(bt, bo, bi, 8, stages, left)) for bt, bo, bi, stages, left i
          itertools.product([64, 128], [128, 256], [64, 128], [3, 4], [False, True])]  # fmt: skip
 SMALL = [dict(tile=(16, bo, bi, 4, stages, left)) for bo, bi, stages, left in
          itertools.product([32, 64, 128], [128, 256], [3, 4], [False, True])]  # fmt: skip
+# the prefill tiles near the best of the 2026-12-03 sweep, each at every --groups (int8_matmul.GROUP_T)
+LARGE_GROUPED = [(128, bo, bi, 8, stages, False) for bo, bi, stages in itertools.product([128, 256], [64, 128], [3, 4])]
 ROWS = [dict(tile=(1, bo, bi, warps, stages, False)) for bo, bi, warps, stages in
         itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [2, 3]) if bo * bi <= 16384]  # fmt: skip
 
@@ -45,12 +48,14 @@ def sweep(key: str, candidates: list[dict], x, q, scale, ends, info: dict, rows_
     saved, best = int8_matmul.CONFIG[key], None
     for cand in candidates:
         int8_matmul.CONFIG[key] = cand["tile"]
+        group = cand.get("group", int8_matmul.GROUP_T)
         try:
-            ms = bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
+            with patch.multiple(int8_matmul, GROUP_T=group):
+                ms = bench(lambda: int8_matmul.grouped_int8_linear(x, q, scale, ends))
         except Exception as e:  # out of shared memory or registers: not a candidate
             print(f"skip {cand['tile']}: {type(e).__name__}", flush=True)
             continue
-        row = dict(info, kernel="int8 triton", key=key, config=list(cand["tile"]), ms=ms,
+        row = dict(info, kernel="int8 triton", key=key, config=list(cand["tile"]), group=group, ms=ms,
                    **{m: v / ms for m, v in info["per_ms"].items()})  # fmt: skip
         row.pop("per_ms")
         rows_out.append(row)
@@ -71,6 +76,9 @@ def main(argv=None) -> None:
     p.add_argument("--rows-tokens", type=int, nargs="*", default=[],
                    help="decoding batch sizes for the multiply-and-sum kernel (the 'rows' tile): swept at the "
                         "first, the current tile timed at the others; each against the tl.dot kernel's 'gemv' tile")
+    p.add_argument("--groups", type=int, nargs="*", default=[],
+                   help="prefill: sweep GROUP_T (row blocks run together) over a few tiles instead of the tile grid; "
+                        "prints the best tile and group over all --tokens as BEST large=T,O,I,W,S,L@GROUP")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     E, K, h, f = 16, 2, 4096, 14336
@@ -105,8 +113,11 @@ def main(argv=None) -> None:
             with patch.multiple(int8_matmul, ROWS_MAX=10**9):
                 sweep(key, tiles, x, q, scale, ends, info, rows_out, bench=do_bench_cudagraph)
         else:  # the tl.dot kernel, whatever the rows
+            tiles = SMALL if key == "small" else LARGE
+            if key != "small" and args.groups:
+                tiles = [dict(tile=t, group=g) for t in LARGE_GROUPED for g in args.groups]
             with patch.multiple(int8_matmul, ROWS_MAX=-1):
-                sweep(key, SMALL if key == "small" else LARGE, x, q, scale, ends, info, rows_out)
+                sweep(key, tiles, x, q, scale, ends, info, rows_out)
         del q, scale, w, x
         torch.cuda.empty_cache()
         if key == "rows" and tokens == args.rows_tokens[0] and i == f:  # both projections swept: the best
@@ -116,6 +127,13 @@ def main(argv=None) -> None:
                     total[tuple(r["config"])] += r["ms"]
             tile = min(total, key=total.get)
             print(f"BEST rows={','.join(str(int(v)) for v in tile)} {total[tile]:.3f} ms", flush=True)
+        if key == large and args.groups and tokens == args.tokens[-1] and i == f:  # the best over all --tokens
+            total = collections.defaultdict(float)
+            for r in rows_out:
+                if r.get("key") == large:
+                    total[(*r["config"], r["group"])] += r["ms"]
+            *tile, group = min(total, key=total.get)
+            print(f"BEST large={','.join(str(int(v)) for v in tile)}@{group} {total[(*tile, group)]:.3f} ms", flush=True)
         if args.out is not None:  # after each shape: a run cut short keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows_out, indent=1) + "\n")

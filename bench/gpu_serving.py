@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import sys
@@ -250,6 +251,32 @@ def active_matmul_parameters(config: JambaConfig) -> int:
     return config.num_parameters() - idle - embed + config.vocab_size * h  # the LM head multiplies
 
 
+def prefill_variants(args, mode: str) -> list:
+    """(GROUP_T, large tile) pairs to time the int8 kernel's prefill at, from --prefill-variants
+    ("GROUP" or "GROUP:T,O,I,W,S,L"); [(None, None)] (the code's) for the other modes or when none."""
+    if not args.prefill_variants or mode not in ("int8-triton", "int8-auto"):
+        return [(None, None)]
+    out = []
+    for item in args.prefill_variants:
+        group, _, tile = item.partition(":")
+        out.append((int(group), tile or None))
+    return out
+
+
+def prefill_variant(group, tile):
+    """int8_matmul.GROUP_T and its prefill tile set for one timing, then restored."""
+    if group is None:
+        return nullcontext()
+    from minijamba.kernels import int8_matmul
+
+    key = "large_sm90" if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else "large"
+    config = dict(int8_matmul.CONFIG)
+    if tile:
+        *ints, left = tile.split(",")
+        config[key] = (*map(int, ints), left.lower() in ("1", "true"))
+    return patch.multiple(int8_matmul, GROUP_T=group, CONFIG=config)
+
+
 def prefill_rows(args, device, dtype, cap) -> None:
     """One 8-layer block (a:m 1:7, 4 MoE layers) of Jamba-v0.1's widths, prefill at --prefill-lens."""
     config = JambaConfig.from_preset("jamba-v0.1", num_hidden_layers=8) if not args.smoke else JambaConfig.from_preset(
@@ -262,10 +289,10 @@ def prefill_rows(args, device, dtype, cap) -> None:
             os.environ["MINIJAMBA_INT8_KERNEL"] = mode.split("-")[1] if device.type == "cuda" else "reference"
         model = build(config, device, dtype, quantize=quantize, seed=0)
         active = active_matmul_parameters(config)
-        for n in args.prefill_lens:
+        for n, (group, tile) in itertools.product(args.prefill_lens, prefill_variants(args, mode)):
             ids = torch.randint(0, config.vocab_size, (1, n), device=device)
             try:
-                with torch.inference_mode():
+                with prefill_variant(group, tile), torch.inference_mode():
                     for _ in range(2):
                         model(ids, state=model.new_state(1, n), logits_to_keep=1)
                     sync(device)
@@ -281,6 +308,8 @@ def prefill_rows(args, device, dtype, cap) -> None:
                     row["mfu"] = 2 * active * n / dt / args.peak_flops
             except torch.OutOfMemoryError as e:
                 row = dict(part="prefill", experts=mode, tokens=n, error=f"out of memory: {str(e)[:100]}")
+            if group is not None:
+                row.update(group=group, tile=tile)
             emit(row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -313,6 +342,8 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, without CUDA graphs")
     p.add_argument("--int8-config", nargs="*", default=[], metavar="KEY=T,O,I,WARPS,STAGES,LEFT",
                    help="set minijamba.kernels.int8_matmul.CONFIG[KEY] for this run (a tile from gpu_int8_sweep.py)")
+    p.add_argument("--prefill-variants", nargs="*", default=[], metavar="GROUP[:T,O,I,W,S,L]",
+                   help="time int8 prefill at each of these int8_matmul.GROUP_T values (and prefill tiles), in one process")
     p.add_argument("--rows-ab", action="store_true",
                    help="time each batch, compiled step and profile three times: int8_matmul.ROWS_MAX = -1 (the "
                         "tl.dot kernel only, as before the multiply-and-sum kernel), then the code's with MAGIC off and on")

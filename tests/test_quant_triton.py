@@ -70,6 +70,35 @@ def test_kernel_equals_reference(counts, O, I, dtype, shape, w_left, magic, seed
     assert_close(got, expected, TOL[dtype], f"{shape} launch, W_LEFT={w_left}, MAGIC={magic}, {dtype}")
 
 
+@settings(max_examples=8, deadline=None)
+@given(
+    st.lists(st.integers(0, 50), min_size=1, max_size=4),  # rows per expert, zeros included
+    st.integers(1, 70),  # O
+    st.sampled_from([1, 2, 3, 8]),  # GROUP_T
+    seeds,
+)
+def test_prefill_order_covers_every_tile(counts, O, group, seed):
+    """The prefill launch's grouped order (GROUP_T row blocks at a time) gives every (output tile, row
+    block) exactly one program: with 16 x 16 tiles, several of each, groups that straddle experts and
+    a last group cut short, the result is the reference's."""
+    n = len(counts)
+    q, scale = quantize_rows(torch.randn(n, O, 24, generator=gen(seed)))
+    ends = torch.tensor(counts).cumsum(0)
+    x = torch.randn(sum(counts), 24, generator=gen(seed + 1))
+    q, scale, ends, x = q.to(DEVICE), scale.to(DEVICE), ends.to(DEVICE), x.to(DEVICE)
+    tile = (16, 16, 16, 4, 2, False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_kernel, "ROWS_MAX", -1)
+        mp.setattr(triton_kernel, "GEMV_ROWS", -1)
+        mp.setattr(triton_kernel, "SMALL_ROWS", -1)
+        mp.setattr(triton_kernel, "GROUP_T", group)
+        mp.setitem(triton_kernel.CONFIG, "large", tile)
+        mp.setitem(triton_kernel.CONFIG, "large_sm90", tile)
+        got = triton_kernel.grouped_int8_linear(x, q, scale, ends)
+    expected = grouped_int8_linear_reference(x, q, scale, ends)
+    assert_close(got, expected, TOL[torch.float32], f"GROUP_T={group}, counts={counts}, O={O}")
+
+
 def test_int8_experts_model_runs_the_same_with_either_kernel(monkeypatch):
     model = build(JambaConfig.from_preset("tiny", hidden_size=64, intermediate_size=64), device=DEVICE,
                   dtype=torch.float32, quantize="int8")  # fmt: skip

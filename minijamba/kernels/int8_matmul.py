@@ -23,8 +23,8 @@ At most ROWS_MAX rows in all (decoding at batch 1 or 2) a second kernel runs: on
 minimum would leave 15 of its rows masked. Each row reads its expert's weights, so two rows of one
 expert read them twice: only for this handful of rows is that cheaper than the dot kernel.
 
-The dot kernel's grid: axis 0 splits the o outputs into tiles of BLOCK_O; axis 1 runs over row blocks of BLOCK_T
-rows, each inside one expert. Expert j owns ceil(count_j / BLOCK_T) consecutive row blocks; the
+The dot kernel's programs: one per (tile of BLOCK_O outputs, row block of BLOCK_T rows inside one
+expert), in the order GROUP_T sets. Expert j owns ceil(count_j / BLOCK_T) consecutive row blocks; the
 launch has ceil(t*K / BLOCK_T) + E of them (an upper bound, computed without reading the counts back
 to the host: no synchronisation) and each program finds its expert from the prefix sums of the
 block counts; those past the end return at once. Runs on CUDA, or (slowly) in Triton's interpreter
@@ -63,18 +63,30 @@ ROWS_MAX = 4  # at most this many rows in all: "rows" (decoding at batch 1 and 2
 # then subtracts 2^23 + 128. Integer and float adds, at full rate. Same values either way (the tests
 # run both). (The dot kernel needs no such trick: Triton already lowers int8 -> bf16 without I2F.)
 MAGIC = True
+# In prefill, GROUP_T row blocks run output tile by output tile together (Triton's grouped ordering): the
+# programs resident at once then read the same few weight tiles, which L2 serves after the first
+# read. In launch order (all output tiles of one row block, then the next) each wave reads the
+# whole expert from memory again: 8 times at 8K tokens. Decoding shapes keep that order (GROUP_T 1):
+# each of their experts has one row block, so there is nothing to share.
+GROUP_T = 8
 
 
 @triton.jit
 def _grouped_int8_kernel(
     x_ptr, q_ptr, s_ptr, y_ptr, starts_ptr, counts_ptr, block_start_ptr,
-    n_experts, n_out, n_in,
+    n_experts, n_out, n_in, n_pid_o, n_pid_t,
     stride_xt, stride_qe, stride_qo, stride_se, stride_yt,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, PRECISION: tl.constexpr,
-    W_LEFT: tl.constexpr,
+    W_LEFT: tl.constexpr, GROUP_T: tl.constexpr,
 ):  # fmt: skip
-    pid_o = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    # Program pid -> (output tile pid_o, row block pid_t): GROUP_T row blocks at a time, the row block
+    # changing fastest, so that the programs running together share their weight tiles in L2.
+    pid = tl.program_id(0)
+    per_group = GROUP_T * n_pid_o
+    first_t = (pid // per_group) * GROUP_T
+    size_t = tl.minimum(n_pid_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % size_t
+    pid_o = (pid % per_group) // size_t
     # The expert of this row block: the last j whose first block is <= pid_t (empty experts own no
     # block, so they share their first block with the next expert and are never the last such j).
     j = tl.full((), 0, tl.int32)
@@ -179,14 +191,16 @@ def grouped_int8_linear(
         return y
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows per expert
     starts = ends - counts
-    BLOCK_T, BLOCK_O, BLOCK_I, warps, stages, w_left = CONFIG[_shape(x, rows / E)]
+    shape = _shape(x, rows / E)
+    BLOCK_T, BLOCK_O, BLOCK_I, warps, stages, w_left = CONFIG[shape]
     blocks = (counts + BLOCK_T - 1) // BLOCK_T  # row blocks per expert
     block_start = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])  # (E + 1,)
-    grid = (triton.cdiv(n_out, BLOCK_O), triton.cdiv(rows, BLOCK_T) + E)
-    _grouped_int8_kernel[grid](
-        x, q, scale, y, starts, counts, block_start, E, n_out, n_in,
+    n_pid_o, n_pid_t = triton.cdiv(n_out, BLOCK_O), triton.cdiv(rows, BLOCK_T) + E
+    _grouped_int8_kernel[(n_pid_o * n_pid_t,)](
+        x, q, scale, y, starts, counts, block_start, E, n_out, n_in, n_pid_o, n_pid_t,
         x.stride(0), q.stride(0), q.stride(1), scale.stride(0), y.stride(0),
         BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, W_LEFT=w_left,
+        GROUP_T=GROUP_T if shape.startswith("large") else 1,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # (tf32 applies to float32 only)
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
