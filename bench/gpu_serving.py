@@ -17,7 +17,8 @@ Parts (each `--parts` name):
               (torch.profiler over 5 graph replays), with their count a step.
     prefill   prefill tokens/s of one 8-layer block of Jamba-v0.1 (so bf16 experts fit): bf16
               experts, and int8 experts through our Triton grouped kernel and through the
-              reference (each expert cast to bf16, one cuBLAS matmul), with the MFU.
+              reference (each expert cast to bf16, one cuBLAS matmul), with the MFU
+              (bench/serving_prefill.py).
 
 The decoding state's content does not change a step's time (every position is read), so a context
 is set up by marking its positions seen instead of prefilling it (as bench/gpu_decode_batched.py).
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import sys
@@ -54,6 +54,9 @@ from minijamba.inference.memory_plan import GiB, largest_batch, serving_plan, we
 from minijamba.inference.serving import generate_many  # noqa: E402
 from minijamba.model.config import JambaConfig  # noqa: E402
 from minijamba.model.state import plan_nbytes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving_prefill import prefill_rows  # noqa: E402
 
 SMOKE = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
@@ -242,82 +245,6 @@ def engine(model, args) -> None:
               new_tokens_per_s=new / dt, all_tokens_per_s=(new + sum(map(len, prompts))) / dt))  # fmt: skip
 
 
-def active_matmul_parameters(config: JambaConfig) -> int:
-    """Parameters a token multiplies (the experts it is routed to, no embedding): 2 FLOPs each. The
-    MFU leaves out attention's scores (4 s h a token per attention layer, a few % at 32K)."""
-    E, K, f, h = config.num_experts, config.num_experts_per_tok, config.intermediate_size, config.hidden_size
-    idle = sum(config.moe_layers) * (E - K) * 3 * f * h if E > 1 else 0
-    embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return config.num_parameters() - idle - embed + config.vocab_size * h  # the LM head multiplies
-
-
-def prefill_variants(args, mode: str) -> list:
-    """(GROUP_T, large tile) pairs to time the int8 kernel's prefill at, from --prefill-variants
-    ("GROUP" or "GROUP:T,O,I,W,S,L"); [(None, None)] (the code's) for the other modes or when none."""
-    if not args.prefill_variants or mode not in ("int8-triton", "int8-auto"):
-        return [(None, None)]
-    out = []
-    for item in args.prefill_variants:
-        group, _, tile = item.partition(":")
-        out.append((int(group), tile or None))
-    return out
-
-
-def prefill_variant(group, tile):
-    """int8_matmul.GROUP_T and its prefill tile set for one timing, then restored."""
-    if group is None:
-        return nullcontext()
-    from minijamba.kernels import int8_matmul
-
-    key = "large_sm90" if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else "large"
-    config = dict(int8_matmul.CONFIG)
-    if tile:
-        *ints, left = tile.split(",")
-        config[key] = (*map(int, ints), left.lower() in ("1", "true"))
-    return patch.multiple(int8_matmul, GROUP_T=group, CONFIG=config)
-
-
-def prefill_rows(args, device, dtype, cap) -> None:
-    """One 8-layer block (a:m 1:7, 4 MoE layers) of Jamba-v0.1's widths, prefill at --prefill-lens."""
-    config = JambaConfig.from_preset("jamba-v0.1", num_hidden_layers=8) if not args.smoke else JambaConfig.from_preset(
-        "jamba-v0.1", **SMOKE)  # fmt: skip
-    config.scan_backend = args.backend
-    for mode in args.prefill_modes:  # int8-auto: LARGE_ROWS decides (minijamba.inference.quant)
-        quantize = None if mode == "bf16" else "int8"
-        os.environ.pop("MINIJAMBA_INT8_KERNEL", None)
-        if mode in ("int8-triton", "int8-reference"):
-            os.environ["MINIJAMBA_INT8_KERNEL"] = mode.split("-")[1] if device.type == "cuda" else "reference"
-        model = build(config, device, dtype, quantize=quantize, seed=0)
-        active = active_matmul_parameters(config)
-        for n, (group, tile) in itertools.product(args.prefill_lens, prefill_variants(args, mode)):
-            ids = torch.randint(0, config.vocab_size, (1, n), device=device)
-            try:
-                with prefill_variant(group, tile), torch.inference_mode():
-                    for _ in range(2):
-                        model(ids, state=model.new_state(1, n), logits_to_keep=1)
-                    sync(device)
-                    t0 = time.perf_counter()
-                    reps = 3
-                    for _ in range(reps):
-                        model(ids, state=model.new_state(1, n), logits_to_keep=1)
-                    sync(device)
-                dt = (time.perf_counter() - t0) / reps
-                row = dict(part="prefill", experts=mode, layers=config.num_hidden_layers, tokens=n,
-                           seconds=dt, tokens_per_s=n / dt)  # fmt: skip
-                if active and device.type == "cuda":
-                    row["mfu"] = 2 * active * n / dt / args.peak_flops
-            except torch.OutOfMemoryError as e:
-                row = dict(part="prefill", experts=mode, tokens=n, error=f"out of memory: {str(e)[:100]}")
-            if group is not None:
-                row.update(group=group, tile=tile)
-            emit(row)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        del model
-        gc.collect()
-    os.environ.pop("MINIJAMBA_INT8_KERNEL", None)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", default=["batch", "context", "compile", "engine", "prefill"])
@@ -372,7 +299,7 @@ def main(argv=None) -> None:
               copy_bandwidth_tb_s=bandwidth / 1e12, cap_gib=args.memory_gib, torch=torch.__version__,
               int8_config=args.int8_config))  # fmt: skip
     if "prefill" in args.parts:  # first: it builds its own (smaller) models
-        prefill_rows(args, device, dtype, cap)
+        prefill_rows(args, device, dtype, emit, SMOKE)
     for layout in args.layouts:
         c = config if layout == "hybrid" else config.with_layout("attention")
         c.scan_backend = args.backend
