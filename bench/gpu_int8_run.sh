@@ -12,8 +12,9 @@
 #         the GPU tests of the kernels.
 #     bash bench/gpu_int8_run.sh groups                 the prefill tile and GROUP_T swept, then the GPU tests
 #     bash bench/gpu_int8_run.sh prefill "G:T,O,I,W,S,L"
-#         prefill of one block, bf16 / int8 fused / int8 cast + cuBLAS, the fused kernel at GROUP_T = 1
-#         (launch order, the commit before) and at the given group and tile, in one process
+#         prefill of one block, bf16 / int8 fused / int8 dequantized + grouped GEMM / int8 cast + cuBLAS /
+#         int8 as chosen, the fused kernel at GROUP_T = 1 (launch order, the commit before) and at the
+#         given group and tile, the dequantized twin at 4 and 1 GiB groups, in one process; GPU tests
 set -u
 mkdir -p "${OUT:-out/bench}"
 OUT=$(cd "${OUT:-out/bench}" && pwd)
@@ -45,13 +46,17 @@ groups)
     --out "$OUT/group_sweep.json" > "$OUT/group_sweep.log" 2>&1; echo "sweep rc=$?"
   grep 'RESULT\|BEST' "$OUT/group_sweep.log"
   grep -h '"kernel": "\(int8 reference\|bf16\)' "$OUT/group_sweep.log" | cut -c1-160
-  timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x --durations=5 tests/test_quant_triton.py > "$OUT/tests.log" 2>&1
-  echo "tests rc=$?" >> "$OUT/tests.log"; tail -8 "$OUT/tests.log" ;;
+  PYTHONUNBUFFERED=1 timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x --durations=5 tests/test_quant_triton.py \
+    > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"; tail -8 "$OUT/tests.log" ;;
 prefill)
-  timeout ${PREFILL_TIMEOUT:-400} python bench/gpu_serving.py --parts prefill --layouts \
-    --prefill-modes bf16 int8-triton int8-reference --prefill-lens 2048 8192 32768 --prefill-variants 1 "$2" \
-    --out "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
-  grep -h '"part": "prefill"' "$OUT/prefill.log" | cut -c1-260 ;;
+  # the commit before ran the fused kernel at GROUP_T = 1 below LARGE_ROWS = 2048 rows an expert (2K-16K
+  # tokens here) and the reference from there (32K); now: GROUP_T = 8, then the dequantized twin
+  timeout ${PREFILL_TIMEOUT:-420} python bench/gpu_serving.py --parts prefill --layouts \
+    --prefill-modes bf16 int8-triton int8-dequant int8-reference int8-auto --prefill-lens 2048 4096 8192 16384 32768 \
+    --prefill-variants 1 "$2" --dequant-gib 4 1 --out "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
+  grep -h '"part": "prefill"' "$OUT/prefill.log" | cut -c1-260
+  PYTHONUNBUFFERED=1 timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x --durations=5 tests/test_quant_triton.py \
+    tests/test_quant.py -k "dequant or choice or either_kernel" > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"; tail -8 "$OUT/tests.log" ;;
 serve)
   common=(--parts prefill batch --layouts hybrid --batches 1 64 --prefill-modes bf16 int8-triton int8-reference
           --prefill-lens 2048 8192 32768 --steps 20)

@@ -16,9 +16,9 @@ Parts (each `--parts` name):
     profile   where a decoding step's time goes, at --profile-batches: CUDA kernels by kind
               (torch.profiler over 5 graph replays), with their count a step.
     prefill   prefill tokens/s of one 8-layer block of Jamba-v0.1 (so bf16 experts fit): bf16
-              experts, and int8 experts through our Triton grouped kernel and through the
-              reference (each expert cast to bf16, one cuBLAS matmul), with the MFU
-              (bench/serving_prefill.py).
+              experts, and int8 experts through our Triton grouped kernel, dequantized into one
+              bf16 grouped GEMM, and through the reference (each expert cast to bf16, one cuBLAS
+              matmul), with the MFU (bench/serving_prefill.py).
 
 The decoding state's content does not change a step's time (every position is read), so a context
 is set up by marking its positions seen instead of prefilling it (as bench/gpu_decode_batched.py).
@@ -262,13 +262,15 @@ def main(argv=None) -> None:
     p.add_argument("--engine-new", type=int, default=128)
     p.add_argument("--engine-slots", type=int, default=64)
     p.add_argument("--prefill-lens", type=int, nargs="+", default=[2048, 8192, 32768])
-    p.add_argument("--prefill-modes", nargs="+", default=["bf16", "int8-triton", "int8-reference", "int8-auto"])
+    p.add_argument("--prefill-modes", nargs="+", default=["bf16", "int8-triton", "int8-dequant", "int8-reference", "int8-auto"])
     p.add_argument("--prefill-chunk", type=int, default=8192, help="the serving plan's and the engine's prefill chunk")
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak for the MFU (H200: 989 TFLOP/s)")
     p.add_argument("--memory-gib", type=float, default=80.0, help="cap the GPU at this much (an 80GB card)")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, without CUDA graphs")
     p.add_argument("--int8-config", nargs="*", default=[], metavar="KEY=T,O,I,WARPS,STAGES,LEFT",
                    help="set minijamba.kernels.int8_matmul.CONFIG[KEY] for this run (a tile from gpu_int8_sweep.py)")
+    p.add_argument("--dequant-gib", type=float, nargs="*", default=[],
+                   help="time int8-dequant prefill at each of these int8_dequant.DEQUANT_BYTES (GiB), in one process")
     p.add_argument("--prefill-variants", nargs="*", default=[], metavar="GROUP[:T,O,I,W,S,L]",
                    help="time int8 prefill at each of these int8_matmul.GROUP_T values (and prefill tiles), in one process")
     p.add_argument("--rows-ab", action="store_true",

@@ -1,8 +1,10 @@
 """Prefill throughput for bench/gpu_serving.py's `prefill` part (issue 17, part 3): one 8-layer block of
-Jamba-v0.1 (so bf16 experts fit), bf16 experts against int8 experts through the Triton grouped kernel
-and through the reference (each expert cast to bf16, one cuBLAS matmul), with the model FLOP
-utilisation; --prefill-variants times the int8 kernel at other program orders (GROUP_T) and tiles in
-the same process, so that an A/B shares one device and one build."""
+Jamba-v0.1 (so bf16 experts fit), bf16 experts against int8 experts through the Triton grouped kernel,
+dequantized into one bf16 grouped GEMM (minijamba.kernels.int8_dequant), through the reference (each
+expert cast to bf16, one cuBLAS matmul) and as the code chooses (int8-auto), with the model FLOP
+utilisation and the peak memory; --prefill-variants times the Triton kernel at other program orders
+(GROUP_T) and tiles, --dequant-gib the dequantized twin at other group sizes, in the same process, so
+that an A/B shares one device and one build."""
 
 from __future__ import annotations
 
@@ -33,22 +35,26 @@ def active_matmul_parameters(config: JambaConfig) -> int:
     return config.num_parameters() - idle - embed + config.vocab_size * h  # the LM head multiplies
 
 
-def prefill_variants(args, mode: str) -> list:
-    """(GROUP_T, large tile) pairs to time the int8 kernel's prefill at, from --prefill-variants
-    ("GROUP" or "GROUP:T,O,I,W,S,L"); [(None, None)] (the code's) for the other modes or when none."""
-    if not args.prefill_variants or mode not in ("int8-triton", "int8-auto"):
-        return [(None, None)]
-    out = []
-    for item in args.prefill_variants:
-        group, _, tile = item.partition(":")
-        out.append((int(group), tile or None))
-    return out
+def prefill_variants(args, mode: str) -> list[tuple[dict, object]]:
+    """(labels for the row, a context that sets the variant) to time `mode` at: for int8-triton each of
+    --prefill-variants ("GROUP" or "GROUP:T,O,I,W,S,L": int8_matmul.GROUP_T and its prefill tile), for
+    int8-dequant each of --dequant-gib (int8_dequant.DEQUANT_BYTES); else the code's, once."""
+    if mode == "int8-triton" and args.prefill_variants:
+        out = []
+        for item in args.prefill_variants:
+            group, _, tile = item.partition(":")
+            out.append((dict(group=int(group), tile=tile or None), (int(group), tile or None)))
+        return [(labels, triton_variant(*v)) for labels, v in out]
+    if mode == "int8-dequant" and args.dequant_gib:
+        from minijamba.kernels import int8_dequant
+
+        return [(dict(dequant_gib=g), patch.object(int8_dequant, "DEQUANT_BYTES", int(g * 2**30)))
+                for g in args.dequant_gib]  # fmt: skip
+    return [({}, nullcontext())]
 
 
-def prefill_variant(group, tile):
+def triton_variant(group, tile):
     """int8_matmul.GROUP_T and its prefill tile set for one timing, then restored."""
-    if group is None:
-        return nullcontext()
     from minijamba.kernels import int8_matmul
 
     key = "large_sm90" if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else "large"
@@ -68,14 +74,17 @@ def prefill_rows(args, device, dtype, emit, smoke_sizes: dict) -> None:
     for mode in args.prefill_modes:  # int8-auto: LARGE_ROWS decides (minijamba.inference.quant)
         quantize = None if mode == "bf16" else "int8"
         os.environ.pop("MINIJAMBA_INT8_KERNEL", None)
-        if mode in ("int8-triton", "int8-reference"):
-            os.environ["MINIJAMBA_INT8_KERNEL"] = mode.split("-")[1] if device.type == "cuda" else "reference"
+        if mode in ("int8-triton", "int8-reference", "int8-dequant"):  # the fused kernel needs CUDA
+            cpu_ok = mode != "int8-triton" or device.type == "cuda"
+            os.environ["MINIJAMBA_INT8_KERNEL"] = mode.split("-")[1] if cpu_ok else "reference"
         model = build(config, device, dtype, quantize=quantize, seed=0)
         active = active_matmul_parameters(config)
-        for n, (group, tile) in itertools.product(args.prefill_lens, prefill_variants(args, mode)):
+        for n, (labels, variant) in itertools.product(args.prefill_lens, prefill_variants(args, mode)):
             ids = torch.randint(0, config.vocab_size, (1, n), device=device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             try:
-                with prefill_variant(group, tile), torch.inference_mode():
+                with variant, torch.inference_mode():
                     for _ in range(2):
                         model(ids, state=model.new_state(1, n), logits_to_keep=1)
                     sync(device)
@@ -89,11 +98,10 @@ def prefill_rows(args, device, dtype, emit, smoke_sizes: dict) -> None:
                            seconds=dt, tokens_per_s=n / dt)  # fmt: skip
                 if active and device.type == "cuda":
                     row["mfu"] = 2 * active * n / dt / args.peak_flops
+                    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             except torch.OutOfMemoryError as e:
                 row = dict(part="prefill", experts=mode, tokens=n, error=f"out of memory: {str(e)[:100]}")
-            if group is not None:
-                row.update(group=group, tile=tile)
-            emit(row)
+            emit({**row, **labels})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         del model

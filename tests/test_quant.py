@@ -26,7 +26,10 @@ from safetensors.torch import load_file, save_file
 from minijamba import JambaConfig, generate
 from minijamba.inference.materialize import build, meta_model
 from minijamba.model.moe import Experts, SparseMoE, experts_loop
-from minijamba.inference.quant import Int8Experts, check_quantize, quantize_model_, quantize_rows
+from minijamba.inference.quant import (
+    KERNEL_ENV, Int8Experts, check_quantize, grouped_int8_linear_reference, quantize_model_, quantize_rows,
+)
+from minijamba.kernels import int8_dequant
 
 from helpers import assert_close, gen, make_model, seeds, small_configs
 
@@ -160,3 +163,55 @@ def test_jamba_v01_int8_weights_fit_one_80gb_gpu():
     assert round(experts / 1e9, 1) == 45.1 and round(other / 1e9, 1) == 6.5
     nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     assert 57e9 < nbytes < 59e9
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=6), st.sampled_from([8, 24]), st.sampled_from([16, 40]),
+       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(1, 3), seeds)
+def test_dequantized_twin_equals_the_reference(counts, o, i, dtype, experts_per_group, seed):
+    """The prefill twin (dequantize a group of experts, one grouped GEMM) computes the reference's
+    function for any rows per expert (none included), any grouping of the experts, in float32 and bf16."""
+    E = len(counts)
+    q, scale = quantize_rows(torch.randn(E * o, i, generator=gen(seed)))
+    q, scale = q.view(E, o, i), scale.view(E, o)  # (E, o, i) int8, (E, o)
+    ends = torch.tensor(counts).cumsum(0)  # (E,)
+    x = torch.randn(int(ends[-1]), i, generator=gen(seed + 1)).to(dtype)  # (t*K, i)
+    expected = grouped_int8_linear_reference(x, q, scale, ends)
+    group_bytes = experts_per_group * o * i * x.element_size()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int8_dequant, "DEQUANT_BYTES", group_bytes)
+        got = int8_dequant.grouped_int8_linear_dequantized(x, q, scale, ends)
+    assert got.shape == expected.shape and got.dtype == dtype
+    if len(got):
+        assert_close(got, expected, 1e-5 if dtype == torch.float32 else 2e-2, "dequantized twin vs reference")
+
+
+def test_model_runs_the_same_with_the_dequantized_twin(monkeypatch):
+    """Chosen through the one dispatch point ($MINIJAMBA_INT8_KERNEL=dequant), the whole model's logits."""
+    model = build(JambaConfig.from_preset("tiny", hidden_size=64, intermediate_size=64), dtype=torch.float32,
+                  quantize="int8")  # fmt: skip
+    ids = torch.randint(0, 4096, (2, 9), generator=gen(0))
+    monkeypatch.setenv(KERNEL_ENV, "reference")
+    with torch.no_grad():
+        expected = model(ids)
+    monkeypatch.setenv(KERNEL_ENV, "dequant")
+    with torch.no_grad():
+        got = model(ids)
+    assert_close(got, expected, 1e-5, "model logits, dequantized twin vs reference int8 kernel")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's bf16 grouped GEMM")
+def test_dequantized_twin_on_cuda_equals_the_reference():
+    """On the GPU in bf16 (the dtype it is chosen for), at a prefill's row counts and widths that are
+    multiples of 16 bytes, in one group and in several."""
+    E, o, i = 4, 256, 128
+    q, scale = quantize_rows(torch.randn(E * o, i, generator=gen(0)))
+    q, scale = q.view(E, o, i).cuda(), scale.view(E, o).cuda()
+    ends = torch.tensor([300, 300, 900, 1024]).cuda()  # expert 1 has no rows
+    x = torch.randn(1024, i, generator=gen(1)).to("cuda", torch.bfloat16)
+    expected = grouped_int8_linear_reference(x, q, scale, ends)
+    for group_bytes in (int8_dequant.DEQUANT_BYTES, o * i * 2):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(int8_dequant, "DEQUANT_BYTES", group_bytes)
+            got = int8_dequant.grouped_int8_linear_dequantized(x, q, scale, ends)
+        assert_close(got, expected, 2e-2, f"dequantized twin vs reference, groups of {group_bytes} bytes")

@@ -118,12 +118,13 @@ def test_kernel_choice(monkeypatch):
     assert int8_kernel(x) == "reference"  # CPU tensors: the reference unless asked
     monkeypatch.setenv(KERNEL_ENV, "triton")
     assert int8_kernel(x) == "triton"
-    if torch.cuda.is_available():  # unset: the fused kernel for few rows per expert, cuBLAS for many
+    if torch.cuda.is_available():  # unset: the fused kernel for few rows per expert, dequant for many
         monkeypatch.delenv(KERNEL_ENV)
         from minijamba.inference.quant import LARGE_ROWS
 
-        rows = torch.zeros(LARGE_ROWS * 4, 8, device="cuda")
-        assert int8_kernel(rows[:-1], 4) == "triton" and int8_kernel(rows, 4) == "reference"
+        rows = torch.zeros(LARGE_ROWS * 4, 8, device="cuda", dtype=torch.bfloat16)
+        assert int8_kernel(rows[:-1], 4) == "triton" and int8_kernel(rows, 4) == "dequant"
+        assert int8_kernel(rows.float(), 4) == "reference"  # CUDA's grouped GEMM is bf16 only
     monkeypatch.setenv(KERNEL_ENV, "cutlass")
     with pytest.raises(ValueError, match="reference"):
         int8_kernel(x)

@@ -41,7 +41,8 @@ The activation terms, per layer kind (bytes; x is the dtype's size):
                   kernel needs no mask and no scores (flash attention).
     moe           the K copies of each token (t K, h), expert outputs before and after the
                   concatenation, the gate/up projection (t K, 2f) and its SiLU product: about
-                  t K (3 h + 4 f) x; int8 experts add one expert's weights cast to x: 3 f h x
+                  t K (3 h + 4 f) x; int8 experts add one expert's weights cast to x, 3 f h x, or
+                  from LARGE_ROWS rows an expert a group of dequantized experts (`int8_workspace`)
     mlp           gate, up, SiLU(gate) and the product: 4 t f x
     logits        the last position's logits, b V x, and a float32 copy: 4 b V
 
@@ -157,6 +158,21 @@ def weight_bytes(config: JambaConfig, dtype=torch.bfloat16, quantize=None) -> di
     return dict(sorted(out.items()))
 
 
+def int8_workspace(config: JambaConfig, rows: int, dtype=torch.bfloat16) -> int:
+    """What int8 experts add to an MoE layer's activations for `rows` (token, expert) rows: one
+    expert's weights cast to x (the reference, the fused kernel: less), or from LARGE_ROWS rows per
+    expert in bf16 the dequantized group of `minijamba.kernels.int8_dequant` (counted on any device,
+    though only CUDA runs it: the plan is the same for every device)."""
+    from minijamba.inference.quant import LARGE_ROWS  # lazily: quant imports the model
+    from minijamba.kernels.int8_dequant import workspace_bytes
+
+    x = torch.empty((), dtype=dtype).element_size()
+    E, h, f = config.num_experts, config.hidden_size, config.intermediate_size
+    if dtype != torch.bfloat16 or rows < LARGE_ROWS * E:
+        return 3 * f * h * x
+    return max(workspace_bytes(rows, E, 2 * f, h, x), workspace_bytes(rows, E, h, f, x))
+
+
 def activation_bytes(
     config: JambaConfig, batch: int, chunk: int, context: int, dtype=torch.bfloat16, quantize=None,
     scan_backend: str = "reference", padding: bool = False,
@@ -179,7 +195,7 @@ def activation_bytes(
         if padding:
             out["attention"] += 3 * b * c * s + 8 * b * q * c * s
     if any(moe):
-        out["moe"] = t * K * (3 * h + 4 * f) * x + (3 * f * h * x if quantize else 0)
+        out["moe"] = t * K * (3 * h + 4 * f) * x + (int8_workspace(config, t * K, dtype) if quantize else 0)
     if not all(moe):
         out["mlp"] = 4 * t * f * x
     out["logits"] = b * V * x + 4 * b * V

@@ -27,7 +27,9 @@ value is a bf16 value) followed by one multiply of the output by s. Only the exp
 tokens are cast, one at a time, so the extra memory is one expert's weights in 16 bits. On a GPU the
 same grouped matmul runs as one Triton kernel that reads each int8 weight once and dequantizes it in
 registers (`minijamba.kernels.int8_matmul`, chosen by `int8_kernel`): a decoding step then reads the chosen
-experts' bytes once instead of moving five bytes per weight.
+experts' bytes once instead of moving five bytes per weight. A long prefill, bound by arithmetic
+rather than bytes, instead dequantizes the experts (with their scales) into bf16 and runs one grouped
+GEMM (`minijamba.kernels.int8_dequant`).
 
 torchao (pytorch/ao) was considered first, as the issue asks: its `Int8WeightOnlyConfig` stores a
 weight as an `Int8Tensor` subclass whose linear is the same cast-matmul-scale as here (it relies on
@@ -57,12 +59,14 @@ from minijamba.kernels.moe_dispatch import combine, gather_rows, sort_by_expert
 from minijamba.model.moe import Experts, SparseMoE
 
 QUANTIZE_MODES = (None, "int8")
-KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference' or 'triton' (see int8_kernel)
-# Rows per expert (on average) from which a GPU casts each expert to x's dtype once and runs cuBLAS
-# (the reference) instead of the fused Triton kernel: a prefill's matmuls are bound by compute, and
-# there cuBLAS beats our grouped kernel while the one cast per expert costs little. Measured on an
-# H200 (bench/gpu_serving.py --parts prefill, bench/RESULTS.md).
-LARGE_ROWS = 2048
+KERNEL_ENV = "MINIJAMBA_INT8_KERNEL"  # 'reference', 'triton' or 'dequant' (see int8_kernel)
+INT8_KERNELS = ("reference", "triton", "dequant")
+# Rows per expert (on average) from which a GPU dequantizes the experts into bf16 and runs one
+# grouped GEMM (minijamba.kernels.int8_dequant) instead of the fused Triton kernel: a prefill's
+# matmuls are bound by arithmetic, and there the bf16 grouped GEMM beats our int8 kernel while the
+# one pass over the weights costs the same at any row count. Measured with
+# bench/gpu_serving.py --parts prefill (bench/RESULTS.md, "int8 prefill").
+LARGE_ROWS = 1024
 
 
 def check_quantize(quantize) -> None:
@@ -225,19 +229,23 @@ def grouped_int8_linear_reference(x, q, scale, ends) -> torch.Tensor:
 
 def int8_kernel(x: torch.Tensor, experts: int = 1) -> str:
     """Which grouped int8 matmul runs on x (rows for `experts` experts): $MINIJAMBA_INT8_KERNEL
-    ('reference' or 'triton') if set; else, for CUDA tensors when Triton is installed, 'triton' below
-    LARGE_ROWS rows per expert (decoding, short prompts) and 'reference' from there; else 'reference'."""
+    (one of INT8_KERNELS) if set. Else, for CUDA tensors: below LARGE_ROWS rows per expert (decoding,
+    short prompts) 'triton' when Triton is installed; from there 'dequant' for bf16 x (the dtype of
+    CUDA's grouped GEMM); else, and on the CPU, 'reference'."""
     name = os.environ.get(KERNEL_ENV)
     if name is None:
-        fused = x.is_cuda and INSTALLED["triton"]  # (looked up once: torch.compile cannot trace importlib)
-        return "triton" if fused and x.shape[0] < LARGE_ROWS * experts else "reference"
-    if name not in ("reference", "triton"):
-        raise ValueError(f"${KERNEL_ENV}={name!r}: choose 'reference' or 'triton'")
+        if not x.is_cuda:
+            return "reference"
+        if x.shape[0] < LARGE_ROWS * experts:
+            return "triton" if INSTALLED["triton"] else "reference"  # (looked up once: compile-safe)
+        return "dequant" if x.dtype == torch.bfloat16 else "reference"
+    if name not in INT8_KERNELS:
+        raise ValueError(f"${KERNEL_ENV}={name!r}: choose one of {', '.join(map(repr, INT8_KERNELS))}")
     return name
 
 
 def grouped_int8_linear(x, q, scale, ends) -> torch.Tensor:
-    """The one dispatch point for the experts' int8 matmul (see `int8_kernel`); both twins have
+    """The one dispatch point for the experts' int8 matmul (see `int8_kernel`); the twins have
     this signature and the tests hold them equal. Differentiable in x (LoRA fine-tuning trains
     through frozen int8 experts): see `_GroupedInt8Linear`."""
     if torch.is_grad_enabled() and x.requires_grad:
@@ -246,10 +254,15 @@ def grouped_int8_linear(x, q, scale, ends) -> torch.Tensor:
 
 
 def _grouped_int8_forward(x, q, scale, ends) -> torch.Tensor:
-    if int8_kernel(x, q.shape[0]) == "triton":
+    kernel = int8_kernel(x, q.shape[0])
+    if kernel == "triton":
         from minijamba.kernels.int8_matmul import grouped_int8_linear as fast  # lazily: optional package
 
         return fast(x, q, scale, ends)
+    if kernel == "dequant":
+        from minijamba.kernels.int8_dequant import grouped_int8_linear_dequantized
+
+        return grouped_int8_linear_dequantized(x, q, scale, ends)
     return grouped_int8_linear_reference(x, q, scale, ends)
 
 
