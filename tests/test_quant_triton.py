@@ -143,3 +143,16 @@ def test_every_int8_value_converts_exactly(shape, magic, monkeypatch):
     got = triton_kernel.grouped_int8_linear(x, q, scale, ends)
     expected = (torch.arange(-128, 128, device=DEVICE).float() * 0.5).expand(2, 256)
     assert torch.equal(got, expected)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 300), st.sampled_from(DTYPES), seeds)
+def test_dequantize_kernel_equals_torch_mul(E, o, i, dtype, seed):
+    """The prefill twin's Triton dequantization: scale * q rounded once to the output dtype, every
+    element written (the output starts as NaN), any width (a partial last column block)."""
+    q, scale = quantize_rows(torch.randn(E * o, i, generator=gen(seed)))
+    q, scale = q.view(E, o, i).to(DEVICE), scale.view(E, o).to(DEVICE)
+    out = torch.full((E, o, i), float("nan"), dtype=dtype, device=DEVICE)
+    got = triton_kernel.dequantize(q, scale, out)
+    expected = torch.mul(q, scale[..., None]).to(dtype)  # float32 product, one rounding
+    assert torch.equal(got, expected)

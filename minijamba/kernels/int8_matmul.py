@@ -66,8 +66,10 @@ MAGIC = True
 # In prefill, GROUP_T row blocks run output tile by output tile together (Triton's grouped ordering): the
 # programs resident at once then read the same few weight tiles, which L2 serves after the first
 # read. In launch order (all output tiles of one row block, then the next) each wave reads the
-# whole expert from memory again: 8 times at 8K tokens. Decoding shapes keep that order (GROUP_T 1):
-# each of their experts has one row block, so there is nothing to share.
+# whole expert from memory again: 8 times at 8K tokens. Measured on an H100, the gate/up projection
+# at 8K-32K tokens took 7-9% less time, the down projection the same (bench/RESULTS.md, "int8
+# prefill"): the kernel is bound more by its arithmetic than by those re-reads. Decoding shapes keep
+# launch order (GROUP_T 1): each of their experts has one row block, so there is nothing to share.
 GROUP_T = 8
 
 
@@ -205,3 +207,24 @@ def grouped_int8_linear(
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, w_ptr, n_in, BLOCK: tl.constexpr):
+    """One program per (row of q, BLOCK columns): w = s[row] * q[row], in w's dtype."""
+    row = tl.program_id(0).to(tl.int64)  # rows * n_in passes 2^31 at Jamba-v0.1's 16 experts
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_in
+    q = tl.load(q_ptr + row * n_in + cols, mask=mask, other=0)
+    w = q.to(tl.float32) * tl.load(s_ptr + row)
+    tl.store(w_ptr + row * n_in + cols, w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = scale[..., None] * q in out's dtype, one pass (read 1 byte, write 2 a weight). q (E', o, i)
+    int8; scale (E', o) float32; out (E', o, i), all contiguous. For the prefill twin
+    (minijamba.kernels.int8_dequant); torch.mul does the same in a slower mixed-dtype kernel."""
+    n_in = q.shape[-1]
+    BLOCK = min(4096, triton.next_power_of_2(n_in))
+    _dequantize_kernel[(q.numel() // n_in, triton.cdiv(n_in, BLOCK))](q, scale, out, n_in, BLOCK=BLOCK, num_warps=4)
+    return out
