@@ -46,7 +46,7 @@ from minijamba.inference.cuda_graph import DecodeStep  # noqa: E402
 from minijamba.inference.generation import prefill  # noqa: E402
 from minijamba.inference.materialize import build  # noqa: E402
 from minijamba.inference.memory_plan import GiB, available_bytes, largest_context, plan  # noqa: E402
-from minijamba.inference.quant import KERNEL_ENV, int8_kernel  # noqa: E402
+from minijamba.inference.quant import INT8_KERNELS, KERNEL_ENV, LARGE_ROWS  # noqa: E402
 
 DEFAULT_CONTEXTS = {
     "longest": [131072, 262144, 524288, 1048576],
@@ -201,7 +201,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--contexts", type=int, nargs="+", help="context lengths in tokens (default per measurement)"
     )
-    parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    parser.add_argument("--chunk", type=int, nargs="+", default=[2048],
+                        help="prefill chunk(s) in tokens, each timed on the same model (default 2048)")  # fmt: skip
     parser.add_argument("--decode-tokens", type=int, default=32, help="decoding steps timed (default 32)")
     parser.add_argument(
         "--layouts", nargs="+", default=["hybrid", "attention"], choices=["hybrid", "attention"]
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
         "--int8-kernels",
         nargs="+",
         default=None,
-        choices=["triton", "reference"],
+        choices=list(INT8_KERNELS),
         help="grouped int8 matmul(s) to time, each on the same model and contexts (default: the automatic choice)",
     )
     parser.add_argument("--reserve-gib", type=float, default=1.0, help="GPU memory kept free beyond the plan")
@@ -237,7 +238,7 @@ def main(argv=None) -> None:
         device, args.dtype = torch.device("cpu"), torch.float32
         base = JambaConfig(**SMOKE, scan_backend=args.scan_backend)
         args.measure = sorted(DEFAULT_CONTEXTS)
-        args.chunk, args.decode_tokens = min(args.chunk, 16), min(args.decode_tokens, 4)
+        args.chunk, args.decode_tokens = [min(c, 16) for c in args.chunk], min(args.decode_tokens, 4)
         contexts = {m: args.contexts or [40, 96] for m in args.measure}
         contexts["longest"] = contexts["longest"] + [1_000_000]  # refused by the plan within the budget
         args.budget_gib, args.reserve_gib = args.budget_gib or 0.05, 0.0
@@ -266,6 +267,7 @@ def main(argv=None) -> None:
     }
     report(header, args.out)
 
+    chunks = args.chunk
     layouts = args.layouts if "layouts" in args.measure else ["hybrid"]
     for layout in layouts:
         todo = args.measure if layout == "hybrid" else ["layouts"]  # the other layout only compares
@@ -274,15 +276,18 @@ def main(argv=None) -> None:
         bound = decode_bound(model, device)
         report({"layout": layout, "build_s": seconds, **bound, **peak(device)}, args.out)
         for measure in todo:
-            for context, kernel in [
-                (c, k) for c in sorted(contexts[measure]) for k in args.int8_kernels or [None]
-            ]:
+            for context, args.chunk, kernel in [
+                (c, h, k) for c in sorted(contexts[measure]) for h in chunks for k in args.int8_kernels or [None]
+            ]:  # fmt: skip
                 if kernel is not None:
                     os.environ[KERNEL_ENV] = kernel
+                else:
+                    os.environ.pop(KERNEL_ENV, None)
                 tokens = args.decode_tokens if measure in ("decode", "layouts", "longest") else 0
                 row = run_context(model, context, args, device, reserve, tokens)
                 row["measure"] = measure
-                row["int8_kernel"] = int8_kernel(model.embed_tokens.weight) if args.quantize else None
+                # the kernel named, or the automatic choice (by rows an expert: LARGE_ROWS)
+                row["int8_kernel"] = (kernel or f"auto (LARGE_ROWS={LARGE_ROWS})") if args.quantize else None
                 if "decode_tok_s" in row and "copy_bandwidth_gbs" in bound:
                     kv = row["plan_state_gib"] * GiB / 1e9  # the whole cache is read each step (upper end)
                     row["decode_bound_tok_s"] = bound["copy_bandwidth_gbs"] / (

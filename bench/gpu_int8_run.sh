@@ -11,6 +11,9 @@
 #         profile, each with ROWS_MAX = -1 (the commit before), then MAGIC off and on, in one process; then
 #         the GPU tests of the kernels.
 #     bash bench/gpu_int8_run.sh groups                 the prefill tile and GROUP_T swept, then the GPU tests
+#     bash bench/gpu_int8_run.sh full
+#         all of Jamba-v0.1 (int8 experts, capped at 80 GiB): prefill at 32K and 128K in chunks of 2048 (the
+#         fused kernel's rows) and 16384 (the dequantized twin's), each chunk with both kernels, one process
 #     bash bench/gpu_int8_run.sh prefill "G:T,O,I,W,S,L"
 #         prefill of one block, bf16 / int8 fused / int8 dequantized + grouped GEMM / int8 cast + cuBLAS /
 #         int8 as chosen, the fused kernel at GROUP_T = 1 (launch order, the commit before) and at the
@@ -57,6 +60,11 @@ prefill)
   grep -h '"part": "prefill"' "$OUT/prefill.log" | cut -c1-260
   PYTHONUNBUFFERED=1 timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x --durations=5 tests/test_quant_triton.py \
     tests/test_quant.py -k "dequant or choice or either_kernel" > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"; tail -8 "$OUT/tests.log" ;;
+full)
+  PYTHONUNBUFFERED=1 timeout ${FULL_TIMEOUT:-540} python bench/gpu_full_scale.py --scan-backend triton --measure prefill \
+    --contexts 32768 131072 --chunk 2048 16384 --int8-kernels triton dequant --budget-gib 80 \
+    --out "$OUT/full_prefill.jsonl" > "$OUT/full_prefill.log" 2>&1; echo "full rc=$?"
+  grep RESULT "$OUT/full_prefill.log" | cut -c1-300 ;;
 serve)
   common=(--parts prefill batch --layouts hybrid --batches 1 64 --prefill-modes bf16 int8-triton int8-reference
           --prefill-lens 2048 8192 32768 --steps 20)
