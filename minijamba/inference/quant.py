@@ -66,7 +66,7 @@ INT8_KERNELS = ("reference", "triton", "dequant")
 # matmuls are bound by arithmetic, and there the bf16 grouped GEMM beats our int8 kernel while the
 # one pass over the weights costs the same at any row count. On an H100 the twin is ahead from 1024
 # rows (8K tokens in one call, by 7%), but its dequantized group (3.7 GiB for Jamba-v0.1) would cost
-# serving at 8K-token prefill chunks a sixth of its slots; from 2048 rows (16K tokens) it is 11-16%
+# serving at 8K-token prefill chunks a seventh of its slots; from 2048 rows (16K tokens) it is 11-16%
 # ahead and taken. Measured with bench/gpu_serving.py --parts prefill (bench/RESULTS.md, "int8 prefill").
 LARGE_ROWS = 2048
 

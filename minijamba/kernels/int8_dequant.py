@@ -15,8 +15,9 @@ Why: a prefill's expert matmuls are bound by arithmetic, and there the library's
 (`F.grouped_mm`, the one the bf16 experts run) is faster than our Triton int8 kernel, which converts
 every weight tile after loading it, once per row block. Dequantizing costs one pass over the weights
 (read 1 byte, write 2 a weight, the scale folded in), the same for 8K rows as for 128; the GEMM's
-work grows with the rows. So from some hundreds of rows per expert (`quant.LARGE_ROWS`) this twin
-wins; below, the fused kernel, which reads each weight byte once, does.
+work grows with the rows. So from about a thousand rows per expert this twin wins, and below, the
+fused kernel, which reads each weight byte once, does; it is taken from `quant.LARGE_ROWS`, where
+its gain is worth the dequantized weights it holds.
 
 The reference casts one expert at a time and runs one matmul for each: E launches and a
 per-expert scale of the output. Here E' experts at a time are cast, with their scales, in one
