@@ -102,8 +102,8 @@ def decode_bound(model, device: torch.device) -> dict:
 
 
 @torch.inference_mode()
-def run_context(model, context: int, args, device, reserve: int, decode_tokens: int) -> dict:
-    """Prefill `context` random tokens in chunks, then decode; times, peak memory and the plan."""
+def run_context(model, context: int, chunk: int, args, device, reserve: int, decode_tokens: int) -> dict:
+    """Prefill `context` random tokens in chunks of `chunk`, then decode; times, peak memory and the plan."""
     config = model.config
     warmup = 2 if decode_tokens else 0
     capacity = context + warmup + decode_tokens
@@ -111,7 +111,7 @@ def run_context(model, context: int, args, device, reserve: int, decode_tokens: 
         config,
         capacity,
         1,
-        args.chunk,
+        chunk,
         args.dtype,
         args.quantize,
         args.scan_backend,
@@ -147,7 +147,7 @@ def run_context(model, context: int, args, device, reserve: int, decode_tokens: 
         state = model.new_state(1, capacity)
         sync(device)
         t0 = time.perf_counter()
-        logits = prefill(model, ids, state, chunk=args.chunk)
+        logits = prefill(model, ids, state, chunk=chunk)
         sync(device)
         row["prefill_s"] = time.perf_counter() - t0
         row["prefill_tok_s"] = context / row["prefill_s"]
@@ -267,7 +267,6 @@ def main(argv=None) -> None:
     }
     report(header, args.out)
 
-    chunks = args.chunk
     layouts = args.layouts if "layouts" in args.measure else ["hybrid"]
     for layout in layouts:
         todo = args.measure if layout == "hybrid" else ["layouts"]  # the other layout only compares
@@ -276,18 +275,17 @@ def main(argv=None) -> None:
         bound = decode_bound(model, device)
         report({"layout": layout, "build_s": seconds, **bound, **peak(device)}, args.out)
         for measure in todo:
-            for context, args.chunk, kernel in [
-                (c, h, k) for c in sorted(contexts[measure]) for h in chunks for k in args.int8_kernels or [None]
+            for context, chunk, kernel in [
+                (c, h, k) for c in sorted(contexts[measure]) for h in args.chunk for k in args.int8_kernels or [None]
             ]:  # fmt: skip
                 if kernel is not None:
                     os.environ[KERNEL_ENV] = kernel
-                else:
-                    os.environ.pop(KERNEL_ENV, None)
                 tokens = args.decode_tokens if measure in ("decode", "layouts", "longest") else 0
-                row = run_context(model, context, args, device, reserve, tokens)
+                row = run_context(model, context, chunk, args, device, reserve, tokens)
                 row["measure"] = measure
-                # the kernel named, or the automatic choice (by rows an expert: LARGE_ROWS)
-                row["int8_kernel"] = (kernel or f"auto (LARGE_ROWS={LARGE_ROWS})") if args.quantize else None
+                # the kernel named ($MINIJAMBA_INT8_KERNEL), or the automatic choice by rows an expert
+                chosen = os.environ.get(KERNEL_ENV) or f"auto (LARGE_ROWS={LARGE_ROWS})"
+                row["int8_kernel"] = chosen if args.quantize else None
                 if "decode_tok_s" in row and "copy_bandwidth_gbs" in bound:
                     kv = row["plan_state_gib"] * GiB / 1e9  # the whole cache is read each step (upper end)
                     row["decode_bound_tok_s"] = bound["copy_bandwidth_gbs"] / (
