@@ -209,21 +209,26 @@ def assert_rounded_like(actual, expected, what):
     the two float32 sums (taken in different orders) straddle a rounding boundary. Where a sum cancels
     (a result far below its terms, e.g. 1e-3 from terms of 0.1), the two sums' orders show at more
     than one of the result's last places: there the bound is 1/16 of a last place of the tensor's
-    largest value (seen once in CI: dx 0.001305 against 0.001236, 0.005 of that place)."""
+    largest value (seen once in CI: dx 0.001305 against 0.001236, 0.005 of that place). "Rare" is at
+    most 1% of the elements, or one element in a tensor of fewer than 100 (seen in CI: one of a dweight's
+    8 elements a last place apart, 12.5%)."""
     a, e = actual.detach().cpu().float(), expected.detach().cpu().float()
     assert a.shape == e.shape, what
     eps = torch.finfo(expected.dtype).eps
     ulp = eps * torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(1e-30))))
     bound = torch.maximum(ulp, eps * e.abs().max() / 16) if e.numel() else ulp
     assert ((a - e).abs() <= bound).all(), f"{what}: more than one unit in the last place apart"
-    differ = (a != e).float().mean().item()
-    assert differ <= 0.01, f"{what}: {differ:.1%} of the elements differ (rounded at other points?)"
+    differ = int((a != e).sum())
+    assert differ <= max(1, 0.01 * a.numel()), (
+        f"{what}: {differ} of {a.numel()} elements differ (rounded at other points?)"
+    )
 
 
 @needs_triton
 @settings(max_examples=6, deadline=None)
 @given(b=st.integers(1, 2), d=st.integers(1, 9), l=st.integers(8, 30), k=st.integers(2, 4), seed=seeds)
 @example(b=1, d=7, l=29, k=3, seed=11410)  # a dx that cancels (see assert_rounded_like)
+@example(b=2, d=4, l=18, k=2, seed=18676)  # one last-place difference in a dweight of 8 elements
 def test_bf16_rounding_points_match_the_reference(b, d, l, k, seed):
     """Against the reference run in bfloat16 itself (not in float64): the conv rounded once, SiLU on
     the rounded value, dpre rounded before the transposed conv, dw and dbias rounded to bf16. A
